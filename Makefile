@@ -1,0 +1,48 @@
+# salun-ext: two commands do all set-up on a fresh clone (each creates the environment it needs).
+#   make demo   the main job on the embedded default data
+#   make test   the default test suite (slow and GPU tests excluded)
+# Other targets: make bench (CPU benchmarks), make lint, make env, make clean.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+NATIVE_SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+# Build the CUDA kernels whenever nvcc exists, and fail loudly if that build breaks (no silent fallback here).
+HAVE_NVCC := $(shell (command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc) && echo 1 || echo 0)
+
+.PHONY: demo test test-all bench lint env clean
+
+$(DEPS_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SOURCES) pyproject.toml
+	SALUN_EXT_CUDA=$(HAVE_NVCC) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILD_STAMP)
+	$(PY) benchmarks/mask_table.py --lists synthetic:1e7:60,resnet18_cifar
+
+test: $(BUILD_STAMP)
+	SALUN_EXT_REQUIRE_NATIVE=1 $(PY) -m pytest -q
+
+test-all: $(BUILD_STAMP)
+	SALUN_EXT_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m "" --benchmark-disable
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks -m "" --benchmark-enable --benchmark-columns=min,median,max
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check salun_ext tests benchmarks setup.py
+
+env: $(BUILD_STAMP)
+	$(PY) -m salun_ext env
+
+clean:
+	rm -rf build salun_ext/_C*.so salun_ext/_build_info.py *.egg-info .pytest_cache

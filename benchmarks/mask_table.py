@@ -1,0 +1,194 @@
+"""Saliency-mask benchmark table: salun_ext vs the plain-PyTorch baselines, same gradients, same run.
+
+    python benchmarks/mask_table.py --device cpu --lists synthetic:1e7:60,resnet18_cifar
+    python benchmarks/mask_table.py --device cuda --lists resnet18_cifar,sd15_unet,synthetic:2e9:249
+
+Reports the median time, the speed-up over cat+topk, extra peak memory (CUDA: max_memory_allocated above the
+gradients; CPU: peak RSS growth, each method in a fresh process) and the selected count vs k. Baselines that
+cannot run (out of memory, > 2^31 elements for argsort) are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import baselines
+from benchmarks.grad_lists import DTYPES, heavy_tailed_grads, list_shapes, numel
+
+METHOD_ORDER = ["salun_ext", "cat_topk", "radix_bincount", "upstream_argsort"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _count(result) -> int:
+    if isinstance(result, list):
+        return sum(int(m.sum().item()) if m.dtype == torch.bool else int(m.count_nonzero().item()) for m in result)
+    return result.count()
+
+
+def run_method(method: str, grads, ratio: float, device: str, reps: int) -> dict:
+    from salun_ext.saliency import ratio_to_k
+
+    k = ratio_to_k(ratio, sum(g.numel() for g in grads))
+    if method == "salun_ext":
+        import salun_ext
+
+        def fn():
+            return salun_ext.saliency_masks(grads, ratio)
+    else:
+        base_fn = baselines.METHODS[method]
+
+        def fn():
+            return base_fn(grads, k)
+
+    row = {"method": method, "k": k}
+    try:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = fn()
+        _sync(device)
+        if device == "cuda":
+            row["extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            row["extra_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
+        row["selected"] = _count(result)
+        row["threshold"] = getattr(result, "threshold", None)
+        del result
+        times = []
+        for _ in range(reps):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                out = fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            del out
+        row["ms"] = statistics.median(times)
+    except (RuntimeError, MemoryError) as exc:  # OOM, argsort size limits
+        row["error"] = str(exc).splitlines()[0][:100]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def child_main(args) -> None:
+    shapes = list_shapes(args.child_list)
+    grads = heavy_tailed_grads(shapes, DTYPES[args.dtype], args.device)
+    print(json.dumps(run_method(args.child_method, grads, args.ratio, args.device, args.reps)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lists", default="synthetic:1e6:8,synthetic:1e7:60,resnet18_cifar")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--methods", default=",".join(METHOD_ORDER))
+    p.add_argument("--skip-upstream-above", type=float, default=1.5e9, help="argsort of > 2^31 elements fails")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--child-list", help=argparse.SUPPRESS)
+    p.add_argument("--child-method", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_list:
+        child_main(args)
+        return
+
+    rows = []
+    for spec in args.lists.split(","):
+        shapes = list_shapes(spec)
+        n = numel(shapes)
+        grads = heavy_tailed_grads(shapes, DTYPES[args.dtype], args.device) if args.device == "cuda" else None
+        for method in args.methods.split(","):
+            if method == "upstream_argsort" and n > args.skip_upstream_above:
+                row = {"method": method, "error": "skipped (argsort size / memory)"}
+            elif args.device == "cuda":
+                row = run_method(method, grads, args.ratio, "cuda", args.reps)
+            else:  # a fresh process per method, so peak RSS belongs to that method alone
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    args.dtype,
+                    "--ratio",
+                    str(args.ratio),
+                    "--reps",
+                    str(args.reps),
+                    "--child-list",
+                    spec,
+                    "--child-method",
+                    method,
+                ]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                try:
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                except (IndexError, json.JSONDecodeError):
+                    row = {"method": method, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]}
+            row.update(list=spec, n=n, tensors=len(shapes), dtype=args.dtype, device=args.device)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del grads
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, args)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"torch": torch.__version__, "device": _device_name(args.device), "rows": rows}, indent=1)
+        )
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def print_table(rows, args) -> None:
+    print(f"\nSaliency mask, ratio {args.ratio}, {args.dtype}, {_device_name(args.device)}, torch {torch.__version__}")
+    print("| list | N | tensors | method | ms | vs cat+topk | extra peak MiB | N/8 MiB | selected == k |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---|")
+    by_list: dict[str, dict] = {}
+    for r in rows:
+        by_list.setdefault(r["list"], {})[r["method"]] = r
+    for spec, methods in by_list.items():
+        ref = methods.get("cat_topk", {}).get("ms")
+        for name in METHOD_ORDER:
+            r = methods.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                print(f"| {spec} | {r['n']:.3g} | {r['tensors']} | {name} | - | - | - | - | {r['error']} |")
+                continue
+            speed = f"{ref / r['ms']:.1f}x" if ref else "-"
+            exact = "yes" if r["selected"] == r["k"] else f"{r['selected']} (ties kept)"
+            print(
+                f"| {spec} | {r['n']:.3g} | {r['tensors']} | {name} | {r['ms']:.2f} | {speed} | "
+                f"{r['extra_mib']:.1f} | {r['n'] / 8 / 2**20:.1f} | {exact} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

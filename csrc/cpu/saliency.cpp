@@ -1,0 +1,229 @@
+// CPU kernels of the exact global saliency select (schemas and reference: salun_ext/_ops.py, _reference.py).
+//
+//   key_histogram: one read of every tensor; per thread a private histogram of one key digit, restricted to the
+//                  elements whose higher digits equal one of the given prefixes (one row per prefix, so several
+//                  ratios share a pass). The Python driver (salun_ext/saliency.py) walks the digits from the top.
+//   mask_words:    one read; writes the bit-packed mask (layout: mask_layout.h). Elements with key > threshold
+//                  are salient; ties at the threshold are all salient (tie_limit < 0) or only the first
+//                  tie_limit of them in global index order (exact-k mode), which needs per-chunk tie counts first.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "salun_ext/key.h"
+#include "salun_ext/tensor_list.h"
+
+namespace salun_ext {
+namespace {
+
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work item; a multiple of 32 (mask words never split)
+static_assert(kChunk % kBitsPerWord == 0, "chunks must hold whole mask words");
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin;  // element offset inside the tensor
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const TensorListInfo& info) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < info.numel.size(); ++i) {
+    for (int64_t b = 0; b < info.numel[i]; b += kChunk) {
+      chunks.push_back(Chunk{static_cast<int32_t>(i), b, std::min(info.numel[i], b + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+// Reads element i of a tensor's raw storage as a key. One instantiation per dtype keeps the inner loops free of
+// dtype branches.
+template <KeyDtype D>
+struct KeyReader;
+
+template <>
+struct KeyReader<KeyDtype::kFloat32> {
+  const uint32_t* p;
+  bool nan_as_zero;
+  uint32_t operator()(int64_t i) const { return key_from_fp32_bits(p[i], nan_as_zero); }
+};
+
+template <>
+struct KeyReader<KeyDtype::kBFloat16> {
+  const uint16_t* p;
+  bool nan_as_zero;
+  uint32_t operator()(int64_t i) const { return key_from_bf16_bits(p[i], nan_as_zero); }
+};
+
+template <>
+struct KeyReader<KeyDtype::kFloat16> {
+  const uint16_t* p;
+  bool nan_as_zero;
+  uint32_t operator()(int64_t i) const { return key_from_fp16_bits(p[i], nan_as_zero); }
+};
+
+// Calls fn(reader) with the KeyReader matching the tensor's dtype.
+template <typename Fn>
+void with_key_reader(const at::Tensor& t, KeyDtype dtype, bool nan_as_zero, Fn&& fn) {
+  const void* data = t.data_ptr();
+  switch (dtype) {
+    case KeyDtype::kFloat32:
+      fn(KeyReader<KeyDtype::kFloat32>{static_cast<const uint32_t*>(data), nan_as_zero});
+      break;
+    case KeyDtype::kBFloat16:
+      fn(KeyReader<KeyDtype::kBFloat16>{static_cast<const uint16_t*>(data), nan_as_zero});
+      break;
+    case KeyDtype::kFloat16:
+      fn(KeyReader<KeyDtype::kFloat16>{static_cast<const uint16_t*>(data), nan_as_zero});
+      break;
+  }
+}
+
+at::Tensor key_histogram_cpu(const std::vector<at::Tensor>& grads, int64_t low_bit, int64_t num_bits,
+                             const std::vector<int64_t>& prefixes, bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  const DigitSpec spec = make_digit_spec(low_bit, num_bits, /*max_bits=*/16);
+  check_prefixes(prefixes, spec);
+  const int64_t rows = static_cast<int64_t>(prefixes.size());
+  const int64_t bins = int64_t{1} << num_bits;
+  const std::vector<Chunk> chunks = make_chunks(info);
+
+  // Private histograms per thread, summed at the end: no atomics in the hot loop.
+  const int num_threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(num_threads, std::vector<int64_t>(rows * bins, 0));
+  const uint32_t shift = static_cast<uint32_t>(low_bit);
+  const uint32_t prefix_shift = static_cast<uint32_t>(spec.prefix_shift);
+  const uint32_t digit_mask = spec.digit_mask;
+  std::vector<uint32_t> prefix_u32(prefixes.begin(), prefixes.end());
+
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    int64_t* hist = local[at::get_thread_num()].data();
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& ch = chunks[c];
+      with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
+        if (rows == 1) {
+          const uint32_t want = prefix_u32[0];
+          for (int64_t i = ch.begin; i < ch.end; ++i) {
+            const uint32_t key = key_of(i);
+            if ((key >> prefix_shift) == want) ++hist[(key >> shift) & digit_mask];
+          }
+        } else {
+          for (int64_t i = ch.begin; i < ch.end; ++i) {
+            const uint32_t key = key_of(i);
+            const uint32_t hi = key >> prefix_shift;
+            const int64_t bin = (key >> shift) & digit_mask;
+            for (int64_t r = 0; r < rows; ++r) {
+              if (hi == prefix_u32[r]) ++hist[r * bins + bin];
+            }
+          }
+        }
+      });
+    }
+  });
+
+  at::Tensor out = at::zeros({rows, bins}, grads.front().options().dtype(at::kLong));
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (const auto& h : local) {
+    for (int64_t j = 0; j < rows * bins; ++j) dst[j] += h[j];
+  }
+  return out;
+}
+
+// How ties at the threshold are treated inside one chunk.
+enum class TieRule { kNone, kAll, kPartial };
+
+template <typename KeyOf>
+void write_chunk_words(KeyOf key_of, const Chunk& ch, uint32_t threshold, TieRule rule, int64_t ties_before,
+                       int64_t tie_limit, uint32_t* words) {
+  int64_t rank = ties_before;
+  for (int64_t base = ch.begin; base < ch.end; base += kBitsPerWord) {
+    const int64_t n = std::min<int64_t>(kBitsPerWord, ch.end - base);
+    uint32_t word = 0;
+    if (rule == TieRule::kPartial) {
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t key = key_of(base + j);
+        bool take = key > threshold;
+        if (key == threshold) take = rank++ < tie_limit;
+        word |= static_cast<uint32_t>(take) << j;
+      }
+    } else {
+      const uint32_t bound = rule == TieRule::kAll ? threshold : threshold + 1u;  // key >= bound
+      for (int64_t j = 0; j < n; ++j) word |= static_cast<uint32_t>(key_of(base + j) >= bound) << j;
+    }
+    words[base / kBitsPerWord] = word;
+  }
+}
+
+at::Tensor mask_words_cpu(const std::vector<at::Tensor>& grads, int64_t threshold_key, int64_t tie_limit,
+                          bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  SALUN_CHECK_ARG(threshold_key >= 0 && threshold_key <= static_cast<int64_t>(kNanKey), "threshold_key",
+                  "expected a 31-bit key in [0, 0x7FFFFFFF], got ", threshold_key);
+  const uint32_t threshold = static_cast<uint32_t>(threshold_key);
+  const std::vector<Chunk> chunks = make_chunks(info);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+
+  // Exact-k with a partial tie quota: the rank of a tie in global order needs the tie count of every earlier
+  // chunk (one extra read, only in this case). Chunks whose ties all fall inside or outside the quota need no
+  // ranking; only the chunk that straddles the quota is ranked element by element.
+  const bool partial = tie_limit > 0;
+  std::vector<int64_t> ties_before(num_chunks, 0);
+  std::vector<int64_t> ties_through(num_chunks, 0);
+  if (partial) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const Chunk& ch = chunks[c];
+        with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
+          int64_t count = 0;
+          for (int64_t i = ch.begin; i < ch.end; ++i) count += key_of(i) == threshold;
+          ties_through[c] = count;
+        });
+      }
+    });
+    int64_t running = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      ties_before[c] = running;
+      running += ties_through[c];
+      ties_through[c] = running;
+    }
+  }
+
+  at::Tensor out = at::zeros({info.total_words}, grads.front().options().dtype(at::kInt));
+  uint32_t* words = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& ch = chunks[c];
+      TieRule rule = tie_limit < 0 ? TieRule::kAll : TieRule::kNone;
+      if (partial) {
+        if (ties_before[c] >= tie_limit) {
+          rule = TieRule::kNone;
+        } else if (ties_through[c] <= tie_limit) {
+          rule = TieRule::kAll;
+        } else {
+          rule = TieRule::kPartial;
+        }
+      }
+      uint32_t* tensor_words = words + info.word_offset[ch.tensor];
+      with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
+        write_chunk_words(key_of, ch, threshold, rule, ties_before[c], tie_limit, tensor_words);
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salun_ext, CPU, m) {
+  m.impl("key_histogram", &key_histogram_cpu);
+  m.impl("mask_words", &mask_words_cpu);
+}
+
+}  // namespace salun_ext

@@ -25,6 +25,22 @@ SCHEMAS: dict[str, str] = {
     # Bit-packed mask words (layout: _mask_layout.py): key > threshold_key, plus ties at the threshold: all of
     # them when tie_limit < 0, else the first tie_limit in global index order (tensor order, then flat index).
     "mask_words": "mask_words(Tensor[] grads, int threshold_key, int tie_limit, bool nan_as_zero) -> Tensor",
+    # Masked optimizer steps (in place, multi-tensor). mask_words[i] holds the bit-packed mask of params[i] (an
+    # empty tensor = every entry salient). Salient entries take the torch.optim update computed in fp32;
+    # non-salient entries of params AND of every state tensor stay bit-identical. found_inf != 0 skips the step;
+    # grads are divided by grad_scale when given (AMP). lr_tensor, when given, replaces lr.
+    "masked_sgd_": (
+        "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] mask_words, "
+        "float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "bool maximize, bool first_step, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
+    # state_steps: the step count of each param, already incremented for this step (as torch's fused Adam).
+    "masked_adam_": (
+        "masked_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, Tensor[] mask_words, float lr, Tensor? lr_tensor, "
+        "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
 }
 
 for _schema in SCHEMAS.values():
@@ -42,6 +58,50 @@ def _mask_words_fake(grads, threshold_key, tie_limit, nan_as_zero):
     torch._check(len(grads) > 0, lambda: "salun_ext: argument 'grads' is an empty list")
     total = sum(_mask_layout.segment_words(g.numel()) for g in grads)
     return grads[0].new_empty((total,), dtype=torch.int32)
+
+
+@torch.library.register_fake("salun_ext::masked_sgd_")
+def _masked_sgd_fake(
+    params,
+    grads,
+    momentum_buffers,
+    mask_words,
+    lr,
+    lr_tensor,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    grad_scale,
+    found_inf,
+):
+    return None
+
+
+@torch.library.register_fake("salun_ext::masked_adam_")
+def _masked_adam_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    mask_words,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    grad_scale,
+    found_inf,
+):
+    return None
 
 
 def op_names() -> list[str]:

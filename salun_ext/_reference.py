@@ -8,6 +8,8 @@ int64 keys (8 bytes per element of that tensor), never a concatenation of the wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from salun_ext import _mask_layout
@@ -108,7 +110,165 @@ def mask_words(grads: list[torch.Tensor], threshold_key: int, tie_limit: int, na
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Masked optimizer steps
+
+
+def _check_step_lists(name: str, params: list[torch.Tensor], **lists: list[torch.Tensor]) -> None:
+    for list_name, values in lists.items():
+        if len(values) != len(params):
+            raise RuntimeError(
+                f"salun_ext: {name}: argument '{list_name}' has {len(values)} tensors, expected {len(params)}"
+            )
+    for i, p in enumerate(params):
+        for list_name, values in lists.items():
+            t = values[i]
+            if list_name == "mask_words":
+                expected = _mask_layout.segment_words(p.numel())
+                if t.numel() not in (0, expected) or t.dtype != torch.int32:
+                    raise RuntimeError(
+                        f"salun_ext: {name}: mask_words[{i}] must be int32 with 0 or {expected} words, "
+                        f"got {t.dtype} with {t.numel()}"
+                    )
+            elif list_name == "state_steps":
+                if t.numel() != 1:
+                    raise RuntimeError(f"salun_ext: {name}: state_steps[{i}] must hold one value")
+                continue
+            elif t.shape != p.shape:
+                raise RuntimeError(
+                    f"salun_ext: {name}: {list_name}[{i}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                )
+            if t.device != p.device:
+                raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] is on {t.device}, expected {p.device}")
+
+
+def _salient(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor | None:
+    """Dense bool mask of p (None = every entry salient)."""
+    if words.numel() == 0:
+        return None
+    return _mask_layout.unpack_bits(words, p.numel()).view(p.shape)
+
+
+def _commit(target: torch.Tensor, new_fp32: torch.Tensor, salient: torch.Tensor | None) -> None:
+    """Write the fp32 result into target where salient; elsewhere target keeps its exact bits."""
+    new = new_fp32.to(target.dtype)
+    target.copy_(new if salient is None else torch.where(salient, new, target))
+
+
+def _step_scalars(lr, lr_tensor, grad_scale, found_inf):
+    """(skip, lr, inverse grad scale) with tensors read once, as the kernels do."""
+    if found_inf is not None and float(found_inf.item()) != 0.0:
+        return True, 0.0, None
+    lr_value = float(lr_tensor.item()) if lr_tensor is not None else lr
+    scale = float(grad_scale.item()) if grad_scale is not None else None
+    return False, lr_value, scale
+
+
+def masked_sgd_(
+    params,
+    grads,
+    momentum_buffers,
+    mask_words,
+    lr,
+    lr_tensor,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    grad_scale,
+    found_inf,
+) -> None:
+    bufs = momentum_buffers if momentum != 0 else [None] * len(params)
+    lists = {"grads": grads, "mask_words": mask_words}
+    if momentum != 0:
+        lists["momentum_buffers"] = momentum_buffers
+    _check_step_lists("masked_sgd_", params, **lists)
+    skip, lr, scale = _step_scalars(lr, lr_tensor, grad_scale, found_inf)
+    if skip:
+        return
+    for p, g, buf, words in zip(params, grads, bufs, mask_words):
+        salient = _salient(p, words)
+        p32, d = p.float(), g.float()
+        if scale is not None:
+            d = d / scale
+        if maximize:
+            d = -d
+        if weight_decay != 0:
+            d = d + weight_decay * p32
+        if momentum != 0:
+            b = d if first_step else momentum * buf.float() + (1 - dampening) * d
+            _commit(buf, b, salient)
+            d = d + momentum * b if nesterov else b
+        _commit(p, p32 - lr * d, salient)
+
+
+def masked_adam_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    mask_words,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    grad_scale,
+    found_inf,
+) -> None:
+    lists = {
+        "grads": grads,
+        "exp_avgs": exp_avgs,
+        "exp_avg_sqs": exp_avg_sqs,
+        "state_steps": state_steps,
+        "mask_words": mask_words,
+    }
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_step_lists("masked_adam_", params, **lists)
+    skip, lr, scale = _step_scalars(lr, lr_tensor, grad_scale, found_inf)
+    if skip:
+        return
+    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    for p, g, m, v, vmax, step_t, words in zip(params, grads, exp_avgs, exp_avg_sqs, maxes, state_steps, mask_words):
+        salient = _salient(p, words)
+        step = float(step_t.item())
+        p32, d = p.float(), g.float()
+        if scale is not None:
+            d = d / scale
+        if maximize:
+            d = -d
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p32 = p32 * (1 - lr * weight_decay)
+            else:
+                d = d + weight_decay * p32
+        m32 = m.float() + (1 - beta1) * (d - m.float())  # lerp, as torch
+        v32 = beta2 * v.float() + (1 - beta2) * d * d
+        _commit(m, m32, salient)
+        _commit(v, v32, salient)
+        bias1 = 1 - beta1**step
+        bias2_sqrt = math.sqrt(1 - beta2**step)
+        if amsgrad:
+            vmax32 = torch.maximum(vmax.float(), v32)
+            _commit(vmax, vmax32, salient)
+            denom = vmax32.sqrt() / bias2_sqrt + eps
+        else:
+            denom = v32.sqrt() / bias2_sqrt + eps
+        _commit(p, p32 - (lr / bias1) * m32 / denom, salient)
+
+
 def register(library: torch.library.Library) -> None:
     """Register these as the CompositeExplicitAutograd kernels (the fallback for every device)."""
     library.impl("key_histogram", key_histogram, "CompositeExplicitAutograd")
     library.impl("mask_words", mask_words, "CompositeExplicitAutograd")
+    library.impl("masked_sgd_", masked_sgd_, "CompositeExplicitAutograd")
+    library.impl("masked_adam_", masked_adam_, "CompositeExplicitAutograd")

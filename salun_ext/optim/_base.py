@@ -1,0 +1,99 @@
+"""Shared machinery of the masked optimizers: mask resolution, validation, compat mode, device buckets."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Literal
+
+import torch
+
+from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
+
+Mode = Literal["strict", "compat"]
+
+
+class MaskedOptimizerMixin:
+    """Mixed into a torch.optim optimizer subclass (MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD), ...).
+
+    strict (default): only salient entries move; non-salient entries of the parameters and of every state tensor
+        stay bit-identical (weight decay and momentum too). Runs the salun_ext masked step ops.
+    compat: the paper code's recipe, for reproducing its numbers: grad *= mask, then the dense torch update (weight
+        decay and momentum keep moving "frozen" weights).
+    """
+
+    def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode) -> None:
+        if mode not in ("strict", "compat"):
+            raise ValueError(f"mode must be 'strict' or 'compat', got {mode!r}")
+        self.mode = mode
+        self.unmasked = unmasked
+        self._masks = resolve_param_masks(self.param_groups, mask, unmasked)
+        self._empty_words: dict[torch.device, torch.Tensor] = {}
+        self._dense_cache: dict[int, torch.Tensor] = {}
+        # strict mode unscales gradients and honours found_inf itself (GradScaler sets grad_scale/found_inf)
+        self._step_supports_amp_scaling = mode == "strict"
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_masks"):  # groups added after construction are trained densely or frozen, as told
+            for p in self.param_groups[-1]["params"]:
+                if id(p) not in self._masks:
+                    if self.unmasked is None:
+                        raise ValueError("a parameter group added later is not covered by the mask: set unmasked=")
+                    self._masks[id(p)] = TRAIN_ALL if self.unmasked == "train" else FROZEN
+
+    def _param_name(self, group, index: int) -> str:
+        names = group.get("param_names")
+        return names[index] if names is not None else f"params[{index}]"
+
+    def _words_for(self, p: torch.Tensor):
+        """int32 mask words of p (empty = every entry salient), or None when p is frozen."""
+        spec = self._masks.get(id(p), FROZEN)
+        if spec is FROZEN:
+            return None
+        if spec is TRAIN_ALL:
+            if p.device not in self._empty_words:
+                self._empty_words[p.device] = torch.empty(0, dtype=torch.int32, device=p.device)
+            return self._empty_words[p.device]
+        return spec
+
+    def _validate(self) -> None:
+        """Every check before any parameter changes: bad input loses nothing."""
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and self._words_for(p) is not None:
+                    check_grad(p, self._param_name(group, i))
+
+    def _compat_prepare(self) -> None:
+        """grad *= mask (the paper's recipe); frozen parameters drop their gradient so torch skips them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                words = self._words_for(p)
+                if words is None:
+                    p.grad = None
+                elif words.numel():
+                    if id(p) not in self._dense_cache:
+                        self._dense_cache[id(p)] = dense_mask(p, words)
+                    p.grad.mul_(self._dense_cache[id(p)])
+
+    @staticmethod
+    def _amp_args(optimizer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+
+    @staticmethod
+    def _by_device(items):
+        buckets = defaultdict(list)
+        for item in items:
+            buckets[item[0].device].append(item)
+        return buckets
+
+
+def lr_args(lr) -> tuple[float, torch.Tensor | None]:
+    if isinstance(lr, torch.Tensor):
+        return 0.0, lr
+    return float(lr), None
+
+
+def on_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)

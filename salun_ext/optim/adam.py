@@ -1,0 +1,129 @@
+"""MaskedAdam / MaskedAdamW: torch's Adam and AdamW restricted to a saliency mask."""
+
+from __future__ import annotations
+
+import torch
+
+from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
+from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
+
+
+class _MaskedAdamStep(MaskedOptimizerMixin):
+    """The strict step shared by MaskedAdam and MaskedAdamW (they differ in defaults and decoupled weight decay)."""
+
+    def _check_hparams(self, lr, betas, eps, weight_decay) -> None:
+        check_finite(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate()
+        if self.mode == "compat":
+            self._compat_prepare()
+            super().step()
+            return loss
+        grad_scale, found_inf = self._amp_args(self)
+        for group in self.param_groups:
+            amsgrad = group["amsgrad"]
+            beta1, beta2 = group["betas"]
+            lr, lr_tensor = lr_args(group["lr"])
+            items = []
+            for p in group["params"]:
+                words = self._words_for(p)
+                if p.grad is None or words is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    # the step count lives on the parameter's device so a step needs no host sync (capturable)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device != p.device:  # e.g. loaded from a torch.optim.Adam state_dict
+                    state["step"] = state["step"].to(p.device, torch.float32)
+                items.append((p, p.grad, state, words))
+            for device, bucket in self._by_device(items).items():
+                steps = [it[2]["step"] for it in bucket]
+                torch._foreach_add_(steps, 1)
+                found = on_device(found_inf, device)
+                torch.ops.salun_ext.masked_adam_(
+                    [it[0] for it in bucket],
+                    [it[1] for it in bucket],
+                    [it[2]["exp_avg"] for it in bucket],
+                    [it[2]["exp_avg_sq"] for it in bucket],
+                    [it[2]["max_exp_avg_sq"] for it in bucket] if amsgrad else [],
+                    steps,
+                    [it[3] for it in bucket],
+                    lr,
+                    on_device(lr_tensor, device),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    group["decoupled_weight_decay"],
+                    amsgrad,
+                    group["maximize"],
+                    on_device(grad_scale, device),
+                    found,
+                )
+                if found is not None:  # a skipped step does not count (as torch's fused Adam)
+                    torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
+        return loss
+
+
+class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
+    """torch.optim.Adam (betas, eps, L2 weight_decay, amsgrad, maximize) restricted to a saliency mask.
+
+    mask / unmasked / mode: as MaskedSGD. In strict mode the moments of non-salient entries stay 0 for ever.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        mask: MaskSpec | None = None,
+        unmasked: Unmasked | None = None,
+        mode: Mode = "strict",
+    ) -> None:
+        self._check_hparams(lr, betas, eps, weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
+        self._init_masks(mask, unmasked, mode)
+
+
+class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) restricted to a saliency mask.
+
+    mask / unmasked / mode: as MaskedSGD. Decoupled weight decay applies to salient entries only (strict mode).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        mask: MaskSpec | None = None,
+        unmasked: Unmasked | None = None,
+        mode: Mode = "strict",
+    ) -> None:
+        self._check_hparams(lr, betas, eps, weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
+        self._init_masks(mask, unmasked, mode)

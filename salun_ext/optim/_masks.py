@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -12,7 +12,7 @@ from salun_ext import _mask_layout
 from salun_ext.mask import SaliencyMask
 
 Unmasked = Literal["train", "freeze"]
-MaskSpec = Union[SaliencyMask, Mapping[str, torch.Tensor], Sequence[Union[torch.Tensor, None]]]
+MaskSpec = SaliencyMask | Mapping[str, torch.Tensor] | Sequence[torch.Tensor | None]
 
 TRAIN_ALL = "train"  # marker: parameter not covered by the mask, trained densely
 FROZEN = "freeze"  # marker: parameter not covered by the mask, never updated

@@ -58,7 +58,7 @@ def masked(optimizer: torch.optim.Optimizer, mask: MaskSpec, *, unmasked: Unmask
                 p[keep] = values
                 for k, v in opt.state.get(p, {}).items():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                        v[keep] = state_saved[k] if k in state_saved else 0
+                        v[keep] = state_saved.get(k, 0)
         for group in opt.param_groups:
             for p in group["params"]:
                 if id(p) in held_grads:

@@ -1,0 +1,344 @@
+"""The one training loop of the library: original training, retraining, and every unlearning method.
+
+A method never writes its own loop. It describes its work as a `Task` (which batches an epoch has, the loss of a
+batch, optional hooks) and hands it to `Engine.fit`, which owns everything else: the (masked) optimizer, the lr
+schedule, AMP, gradient clipping, channels_last, torch.compile, seeding, progress bars, checkpoints and resume,
+and the wall-clock time (RTE).
+
+    engine = Engine(model, EngineConfig(epochs=10, optimizer=OptimConfig("sgd", lr=0.01)), mask=mask)
+    result = engine.fit(task)          # result.seconds, result.history
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from salun_ext.mask import SaliencyMask
+from salun_ext.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from salun_ext.utils import atomic_save, is_main_process, resolve_device, seed_everything
+
+CHECKPOINT_FORMAT = "salun_ext.engine_checkpoint.v1"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer hyperparameters. Defaults: the paper's classification recipe (SGD 0.9, wd 5e-4)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    mask_mode: Literal["strict", "compat"] = "strict"  # compat: the paper code's grad *= mask
+    unmasked: Literal["train", "freeze"] | None = None  # parameters the mask does not cover
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """What the loop does. Exactly one of `epochs` / `max_steps` bounds the run (max_steps may cap epochs)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: tuple[int, ...] = ()  # in schedule units
+    gamma: float = 0.1
+    schedule_unit: Literal["epoch", "step"] = "epoch"
+    warmup_steps: int = 0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_clip: float | None = None
+    channels_last: bool = False
+    compile: bool = False
+    seed: int | None = None
+    device: str = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1  # epochs, or steps for max_steps-only runs
+    resume: bool = False
+    progress: bool = True
+    desc: str = "train"
+
+
+class Task(Protocol):
+    """What a method tells the engine. Only `batches` and `loss` are required."""
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        """The batches of one epoch, in order (the engine moves tensors to the device).
+
+        Resume replays the interrupted epoch's first batches without training on them, so for a bit-exact resume
+        draw any randomness here from a generator seeded by (seed, epoch), not from the global RNG.
+        """
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar loss of one batch (called under autocast when AMP is on)."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    seconds: float  # wall-clock time of fit(), for RTE
+    steps: int
+    epochs: int
+    history: list[dict]  # per-epoch (or per checkpoint interval) mean loss
+
+
+def build_optimizer(
+    named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, mask: SaliencyMask | None = None
+) -> torch.optim.Optimizer:
+    """A Masked{SGD,Adam,AdamW} over named parameters (with mask=None they behave as their torch twins)."""
+    common = dict(mask=mask, unmasked=cfg.unmasked, mode=cfg.mask_mode)
+    if cfg.name == "sgd":
+        return MaskedSGD(
+            named_params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+            **common,
+        )
+    if cfg.name == "adam":
+        return MaskedAdam(
+            named_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **common
+        )
+    if cfg.name == "adamw":
+        return MaskedAdamW(
+            named_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **common
+        )
+    raise ValueError(f"unknown optimizer {cfg.name!r}; expected 'sgd', 'adam' or 'adamw'")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: EngineConfig, total_units: int):
+    """lr schedule stepped once per `schedule_unit`, with an optional linear warm-up over `warmup_steps` units."""
+    if cfg.schedule == "constant":
+        base = lambda unit: 1.0  # noqa: E731
+    elif cfg.schedule == "multistep":
+        base = lambda unit: cfg.gamma ** sum(unit >= m for m in cfg.milestones)  # noqa: E731
+    elif cfg.schedule == "cosine":
+        base = lambda unit: 0.5 * (1 + math.cos(math.pi * min(unit, total_units) / max(1, total_units)))  # noqa: E731
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected 'constant', 'multistep' or 'cosine'")
+
+    def factor(unit: int) -> float:
+        warm = min(1.0, (unit + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        return warm * base(unit)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor of a (nested) batch to the device; 4-D float tensors optionally to channels_last."""
+    if isinstance(batch, torch.Tensor):
+        out = batch.to(device, non_blocking=True)
+        if channels_last and out.dim() == 4 and out.is_floating_point():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch
+
+
+class Engine:
+    """Runs Tasks on a model. See the module docstring."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: EngineConfig,
+        *,
+        mask: SaliencyMask | None = None,
+        params: list[tuple[str, torch.nn.Parameter]] | None = None,
+    ) -> None:
+        if (config.epochs is None) and (config.max_steps is None):
+            raise ValueError("EngineConfig needs epochs or max_steps")
+        for key in ("epochs", "max_steps"):
+            value = getattr(config, key)
+            if value is not None and value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if config.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {config.amp!r}")
+        if config.grad_clip is not None and not config.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.seed is not None:
+            seed_everything(config.seed)
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        named = params if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if mask is not None:
+            mask.check_compatible(named, require_all=False)
+        self.mask = mask
+        self.optimizer = build_optimizer(named, config.optimizer, mask)
+        self._trained = [p for _, p in named]
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.step = 0
+        self.epoch = 0
+        self.batch_index = 0  # batches consumed in the current epoch (resume skips them)
+        self.history: list[dict] = []
+        self.scheduler = None
+
+    # ----------------------------------------------------------------------------------------------------- fit
+    def fit(self, task: Task) -> FitResult:
+        cfg = self.config
+        epochs = cfg.epochs if cfg.epochs is not None else math.inf
+        total_units = (cfg.epochs or 1) if cfg.schedule_unit == "epoch" else (cfg.max_steps or 0)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_units)
+        if cfg.resume:
+            self._load_checkpoint(task)
+        start = time.perf_counter()
+        self.model.train()
+        while self.epoch < epochs and not self._done():
+            losses = self._run_epoch(task)
+            self.history.append({"epoch": self.epoch, "step": self.step, "loss": _mean(losses)})
+            self.epoch += 1
+            self.batch_index = 0
+            if cfg.schedule_unit == "epoch":
+                self.scheduler.step()
+            if hasattr(task, "on_epoch_end"):
+                task.on_epoch_end(self, self.epoch)
+            if cfg.checkpoint_dir and cfg.epochs is not None and self.epoch % cfg.checkpoint_every == 0:
+                self.save_checkpoint(task)
+        if cfg.checkpoint_dir:
+            self.save_checkpoint(task)
+        return FitResult(time.perf_counter() - start, self.step, self.epoch, list(self.history))
+
+    def _done(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    def _run_epoch(self, task: Task) -> list[float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        batches: Iterator = iter(task.batches(self.epoch))
+        total = getattr(task, "num_batches", lambda e: None)(self.epoch)
+        bar = tqdm(
+            batches,
+            total=total,
+            desc=f"{cfg.desc} epoch {self.epoch + 1}",
+            leave=False,
+            disable=not (cfg.progress and is_main_process()),
+        )
+        losses: list[float] = []
+        skip, self.batch_index = self.batch_index, 0
+        for batch in bar:
+            if self._done():
+                break
+            if self.batch_index < skip:  # resuming mid-epoch: these batches were trained before the interruption
+                self.batch_index += 1
+                continue
+            self.batch_index += 1
+            loss = self.train_step(task, batch)
+            losses.append(loss)
+            if len(losses) % 10 == 1:
+                bar.set_postfix(loss=f"{loss:.4g}")
+            if cfg.checkpoint_dir and cfg.epochs is None and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(task)
+        return losses
+
+    def train_step(self, task: Task, batch: Any) -> float:
+        """One optimizer step on one batch; returns the loss value."""
+        cfg = self.config
+        batch = to_device(batch, self.device, cfg.channels_last)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = task.loss(self.forward_model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"{type(task).__name__}.loss must return a scalar tensor")
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                f"{type(task).__name__}: non-finite loss {loss.item()} at step {self.step} (lower the lr?)"
+            )
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._trained, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if cfg.schedule_unit == "step":
+            self.scheduler.step()
+        if hasattr(task, "on_step_end"):
+            task.on_step_end(self, self.step)
+        return float(loss.detach())
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.config.checkpoint_dir) / "last.pt" if self.config.checkpoint_dir else None
+
+    def save_checkpoint(self, task: Task | None = None) -> None:
+        if self.checkpoint_path is None or not is_main_process():
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": list(_flatten_py_rng(random.getstate())),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "task": task.state_dict() if task is not None and hasattr(task, "state_dict") else None,
+        }
+        atomic_save(state, self.checkpoint_path)
+
+    def _load_checkpoint(self, task: Task) -> None:
+        path = self.checkpoint_path
+        if path is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        if not path.exists():
+            return  # nothing to resume: a fresh start
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a salun_ext engine checkpoint")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: checkpoint is for a different architecture: {exc}") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.history = state["step"], state["epoch"], list(state["history"])
+        self.batch_index = state["batch_index"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_unflatten_py_rng(state["rng"]["python"]))
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["task"] is not None and hasattr(task, "load_state_dict"):
+            task.load_state_dict(state["task"])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _flatten_py_rng(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _unflatten_py_rng(flat) -> tuple:
+    version, internal, gauss = flat
+    return (version, tuple(internal), gauss)

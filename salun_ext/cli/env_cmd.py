@@ -1,0 +1,18 @@
+"""`salun-ext env`: torch/CUDA versions and which devices have compiled kernels per op."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("env", help="print torch/CUDA versions and the compiled kernels per op and device")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from salun_ext.env import print_env
+
+    print_env(sys.stdout)
+    return 0

@@ -79,12 +79,12 @@ def extensions_and_cmdclass():
 
     sources = ["csrc/module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra = {
-        "cxx": ["-O3", "-fopenmp", f'-DSALUN_EXT_TORCH_VERSION="{torch.__version__}"'],
+        "cxx": ["-O3", "-fopenmp", "-ffp-contract=off", f'-DSALUN_EXT_TORCH_VERSION="{torch.__version__}"'],
     }
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "--fmad=false"]
         define_macros.append(("SALUN_EXT_WITH_CUDA", "1"))
         ext_cls = CUDAExtension
     else:

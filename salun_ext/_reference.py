@@ -115,6 +115,15 @@ def mask_words(grads: list[torch.Tensor], threshold_key: int, tie_limit: int, na
 
 
 def _check_step_lists(name: str, params: list[torch.Tensor], **lists: list[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        if p.dtype not in KEY_DTYPES:
+            raise RuntimeError(
+                f"salun_ext: {name}: params[{i}] has dtype {p.dtype}, expected float32, bfloat16 or float16"
+            )
+        if not p.is_contiguous():
+            raise RuntimeError(f"salun_ext: {name}: params[{i}] must be contiguous")
+        if p.device != params[0].device:
+            raise RuntimeError(f"salun_ext: {name}: params[{i}] is on {p.device}, expected {params[0].device}")
     for list_name, values in lists.items():
         if len(values) != len(params):
             raise RuntimeError(
@@ -134,10 +143,17 @@ def _check_step_lists(name: str, params: list[torch.Tensor], **lists: list[torch
                 if t.numel() != 1:
                     raise RuntimeError(f"salun_ext: {name}: state_steps[{i}] must hold one value")
                 continue
-            elif t.shape != p.shape:
-                raise RuntimeError(
-                    f"salun_ext: {name}: {list_name}[{i}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
-                )
+            else:
+                if t.shape != p.shape:
+                    raise RuntimeError(
+                        f"salun_ext: {name}: {list_name}[{i}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                    )
+                if t.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"salun_ext: {name}: {list_name}[{i}] has dtype {t.dtype}, expected {p.dtype} (the parameter's)"
+                    )
+                if not t.is_contiguous():
+                    raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] must be contiguous")
             if t.device != p.device:
                 raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] is on {t.device}, expected {p.device}")
 
@@ -153,6 +169,18 @@ def _commit(target: torch.Tensor, new_fp32: torch.Tensor, salient: torch.Tensor 
     """Write the fp32 result into target where salient; elsewhere target keeps its exact bits."""
     new = new_fp32.to(target.dtype)
     target.copy_(new if salient is None else torch.where(salient, new, target))
+
+
+def _div(x: torch.Tensor, scalar: float) -> torch.Tensor:
+    """IEEE fp32 division by a scalar. (torch computes `tensor / python_float` as a multiplication by the scalar's
+    reciprocal, which can differ by an ulp; the kernels divide, so the spec divides too.)"""
+    return x / torch.full_like(x, scalar)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root, as IEEE-754 (and the kernels' sqrtf) define it. (torch's vectorized CPU
+    sqrt may be off by an ulp; the square root of an fp32 value taken in double and rounded once is exact.)"""
+    return x.double().sqrt().float()
 
 
 def _step_scalars(lr, lr_tensor, grad_scale, found_inf):
@@ -192,7 +220,7 @@ def masked_sgd_(
         salient = _salient(p, words)
         p32, d = p.float(), g.float()
         if scale is not None:
-            d = d / scale
+            d = _div(d, scale)
         if maximize:
             d = -d
         if weight_decay != 0:
@@ -243,7 +271,7 @@ def masked_adam_(
         step = float(step_t.item())
         p32, d = p.float(), g.float()
         if scale is not None:
-            d = d / scale
+            d = _div(d, scale)
         if maximize:
             d = -d
         if weight_decay != 0:
@@ -260,9 +288,9 @@ def masked_adam_(
         if amsgrad:
             vmax32 = torch.maximum(vmax.float(), v32)
             _commit(vmax, vmax32, salient)
-            denom = vmax32.sqrt() / bias2_sqrt + eps
+            denom = _div(_sqrt(vmax32), bias2_sqrt) + eps
         else:
-            denom = v32.sqrt() / bias2_sqrt + eps
+            denom = _div(_sqrt(v32), bias2_sqrt) + eps
         _commit(p, p32 - (lr / bias1) * m32 / denom, salient)
 
 

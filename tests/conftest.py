@@ -1,5 +1,9 @@
 import os
 
+# Idle OpenMP threads must sleep, not spin: tests run many tiny ops, and spinning workers on a busy 2-core machine
+# make each op ~30x slower. Set before torch (and its OpenMP runtime) loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from salun_ext import _mask_layout
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
 
 Mode = Literal["strict", "compat"]
@@ -29,6 +30,8 @@ class MaskedOptimizerMixin:
         self._masks = resolve_param_masks(self.param_groups, mask, unmasked)
         self._empty_words: dict[torch.device, torch.Tensor] = {}
         self._dense_cache: dict[int, torch.Tensor] = {}
+        self._perms: dict[int, tuple[int, ...] | None] = {}
+        self._kernel_words: dict[int, torch.Tensor] = {}
         # strict mode unscales gradients and honours found_inf itself (GradScaler sets grad_scale/found_inf)
         self._step_supports_amp_scaling = mode == "strict"
 
@@ -55,6 +58,37 @@ class MaskedOptimizerMixin:
                 self._empty_words[p.device] = torch.empty(0, dtype=torch.int32, device=p.device)
             return self._empty_words[p.device]
         return spec
+
+    # The step kernels walk tensors in memory order and masks are in logical (row-major) order. A parameter stored
+    # in another dense layout (channels_last conv weights) is handed to the kernels as the permuted view that is
+    # contiguous, with its mask bits repacked once in that order.
+    def _perm(self, p: torch.Tensor) -> tuple[int, ...] | None:
+        if id(p) not in self._perms:
+            self._perms[id(p)] = memory_order(p)
+        return self._perms[id(p)]
+
+    def _kernel_view(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """t (p itself, its grad or a state tensor) as the contiguous view the kernels update in place."""
+        perm = self._perm(p)
+        view = t if perm is None else t.permute(perm)
+        if not view.is_contiguous():
+            raise RuntimeError("internal: tensor not laid out like its parameter (use _relayout first)")
+        return view
+
+    def _relayout(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out exactly like p (the same strides), copying t only when it is not."""
+        if t.stride() == p.stride():
+            return t
+        return torch.empty_like(p).copy_(t)
+
+    def _kernel_words_for(self, p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        perm = self._perm(p)
+        if perm is None or words.numel() == 0:
+            return words
+        if id(p) not in self._kernel_words:
+            dense = dense_mask(p, words).permute(perm).contiguous().reshape(-1)
+            self._kernel_words[id(p)] = _mask_layout.pack_bits(dense)
+        return self._kernel_words[id(p)]
 
     def _validate(self) -> None:
         """Every check before any parameter changes: bad input loses nothing."""
@@ -87,6 +121,19 @@ class MaskedOptimizerMixin:
         for item in items:
             buckets[item[0].device].append(item)
         return buckets
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimension order in which t is contiguous (None when it already is); error for overlapping layouts."""
+    if t.is_contiguous():
+        return None
+    perm = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
+    if not t.permute(perm).is_contiguous():
+        raise RuntimeError(
+            f"masked optimizers need dense, non-overlapping parameters; got shape {tuple(t.shape)} with strides "
+            f"{t.stride()}"
+        )
+    return perm
 
 
 def lr_args(lr) -> tuple[float, torch.Tensor | None]:

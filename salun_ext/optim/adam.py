@@ -43,9 +43,16 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].device != p.device:  # e.g. loaded from a torch.optim.Adam state_dict
-                    state["step"] = state["step"].to(p.device, torch.float32)
-                items.append((p, p.grad, state, words))
+                if state["step"].device != p.device or state["step"].dtype != torch.float32:
+                    state["step"] = state["step"].to(p.device, torch.float32)  # e.g. from torch.optim.Adam
+                keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+                views = {}
+                for key in keys:
+                    state[key] = self._relayout(p, state[key])
+                    views[key] = self._kernel_view(p, state[key])
+                views["step"] = state["step"]
+                grad = self._kernel_view(p, self._relayout(p, p.grad))
+                items.append((self._kernel_view(p, p), grad, views, self._kernel_words_for(p, words)))
             for device, bucket in self._by_device(items).items():
                 steps = [it[2]["step"] for it in bucket]
                 torch._foreach_add_(steps, 1)

@@ -71,9 +71,12 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                         first = True
-                items.append((p, p.grad, buf, words, first))
+                    buf = state["momentum_buffer"] = self._relayout(p, buf)
+                    buf = self._kernel_view(p, buf)
+                grad = self._kernel_view(p, self._relayout(p, p.grad))
+                items.append((self._kernel_view(p, p), grad, buf, self._kernel_words_for(p, words), first))
             for device, bucket in self._by_device(items).items():
                 for first in (True, False):
                     chosen = [it for it in bucket if it[4] == first]

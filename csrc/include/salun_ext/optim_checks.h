@@ -1,0 +1,65 @@
+// Argument checks of the masked optimizer step ops, shared by the CPU and CUDA launchers (same messages as the
+// reference in salun_ext/_reference.py).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+#include "salun_ext/mask_layout.h"
+
+namespace salun_ext {
+
+inline void check_step_list(const char* op, const char* list_name, at::TensorList params, at::TensorList values,
+                            bool same_shape) {
+  TORCH_CHECK(values.size() == params.size(), "salun_ext: ", op, ": argument '", list_name, "' has ", values.size(),
+              " tensors, expected ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& t = values[i];
+    if (same_shape) {
+      TORCH_CHECK(t.sizes() == p.sizes(), "salun_ext: ", op, ": ", list_name, "[", i, "] has shape ", t.sizes(),
+                  ", expected ", p.sizes());
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), "salun_ext: ", op, ": ", list_name, "[", i, "] has dtype ",
+                  t.scalar_type(), ", expected ", p.scalar_type(), " (the parameter's)");
+      TORCH_CHECK(t.is_contiguous(), "salun_ext: ", op, ": ", list_name, "[", i, "] must be contiguous");
+    }
+    TORCH_CHECK(t.device() == p.device(), "salun_ext: ", op, ": ", list_name, "[", i, "] is on ", t.device(),
+                ", expected ", p.device());
+  }
+}
+
+inline void check_step_params(const char* op, at::TensorList params, at::TensorList mask_words) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const auto dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "salun_ext: ", op, ": params[",
+                i, "] has dtype ", dtype, ", expected float32, bfloat16 or float16");
+    TORCH_CHECK(p.is_contiguous(), "salun_ext: ", op, ": params[", i, "] must be contiguous");
+    TORCH_CHECK(p.device() == params[0].device(), "salun_ext: ", op, ": params[", i, "] is on ", p.device(),
+                ", expected ", params[0].device());
+  }
+  TORCH_CHECK(mask_words.size() == params.size(), "salun_ext: ", op, ": argument 'mask_words' has ",
+              mask_words.size(), " tensors, expected ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& w = mask_words[i];
+    const int64_t expected = mask_segment_words(params[i].numel());
+    TORCH_CHECK(w.scalar_type() == at::kInt && (w.numel() == 0 || w.numel() == expected), "salun_ext: ", op,
+                ": mask_words[", i, "] must be int32 with 0 or ", expected, " words, got ", w.scalar_type(), " with ",
+                w.numel());
+    TORCH_CHECK(w.numel() == 0 || (w.device() == params[i].device() && w.is_contiguous()), "salun_ext: ", op,
+                ": mask_words[", i, "] must be contiguous on ", params[i].device());
+  }
+}
+
+inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                const c10::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, "salun_ext: ", op, ": argument '", name, "' must hold one value, got ", t->numel());
+  TORCH_CHECK(t->device() == device || t->device().is_cpu(), "salun_ext: ", op, ": argument '", name, "' is on ",
+              t->device(), ", expected ", device);
+}
+
+}  // namespace salun_ext

@@ -7,6 +7,7 @@ multiple of 128 bits (4 words); padding bits are zero.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 BITS_PER_WORD = 32
@@ -27,27 +28,30 @@ def word_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
     return offsets, total
 
 
+# Bit j of a word is bit j % 8 of byte j // 8 of that word on little-endian machines (x86, ARM, every GPU), so
+# packing and unpacking work on bytes: one byte per bit of temporary memory, never 8.
+assert sys.byteorder == "little", "salun_ext's mask layout assumes a little-endian machine"
+
+
 def pack_bits(bits):
     """Pack a flat bool tensor into int32 words of one padded segment (plain torch; used by the reference)."""
     import torch
 
     n = bits.numel()
-    padded = torch.zeros(segment_words(n) * BITS_PER_WORD, dtype=torch.int64, device=bits.device)
-    padded[:n] = bits.reshape(-1).to(torch.int64)
-    shifts = torch.arange(BITS_PER_WORD, device=bits.device, dtype=torch.int64)
-    words = (padded.view(-1, BITS_PER_WORD) << shifts).sum(dim=1)
-    # two's-complement wrap into int32 without relying on an out-of-range cast
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    padded = torch.zeros(segment_words(n) * BITS_PER_WORD, dtype=torch.uint8, device=bits.device)
+    padded[:n] = bits.reshape(-1)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    packed = (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return packed.view(torch.int32)
 
 
 def unpack_bits(words, numel: int):
     """Inverse of pack_bits: int32 words of one segment -> flat bool tensor of numel elements."""
     import torch
 
-    shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int64)
-    as_unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    bits = ((as_unsigned.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(-1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    as_bytes = words.contiguous().view(torch.uint8)
+    bits = ((as_bytes.unsqueeze(1) >> shifts) & 1).to(torch.bool).reshape(-1)
     return bits[:numel]
 
 

@@ -253,3 +253,25 @@ def test_compute_saliency_bad_input():
         salun_ext.compute_saliency(model, _neg_ce, _batches(1), 0.5, reduction="mean", progress=False)
     with pytest.raises(TypeError, match="scalar"):
         salun_ext.compute_saliency(model, lambda m, b: m(b[0]), _batches(1), 0.5, progress=False)
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_32_elements_exact_with_ties_beyond_32_bit_indices():
+    # 4 x 2^30 bf16 zeros + a small tensor of distinct values: the threshold sits on 0, the tie quota ends at a
+    # global index above 2^32 (torch.topk returns wrong indices past 2^32 elements). ~9 GB of memory.
+    zeros = [torch.zeros(2**30, dtype=torch.bfloat16) for _ in range(4)]
+    tail = torch.arange(1, 1025, dtype=torch.float32).to(torch.bfloat16)
+    grads = [*zeros, tail]
+    total = 2**32 + 1024
+    ratio = 0.999  # k = floor(0.999 * total): all 1024 values plus most of the zeros
+    mask = salun_ext.saliency_masks(grads, ratio)
+    k = ratio_to_k(ratio, total)
+    assert mask.count() == k
+    ties_taken = k - 1024
+    for i in range(4):
+        expected = min(2**30, max(0, ties_taken - i * 2**30))
+        assert mask.count(str(i)) == expected
+    assert mask.count("4") == 1024
+    last = mask.dense("3")
+    cut = ties_taken - 3 * 2**30
+    assert bool(last[:cut].all()) and not bool(last[cut:].any())

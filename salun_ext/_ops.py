@@ -25,6 +25,17 @@ SCHEMAS: dict[str, str] = {
     # Bit-packed mask words (layout: _mask_layout.py): key > threshold_key, plus ties at the threshold: all of
     # them when tie_limit < 0, else the first tie_limit in global index order (tensor order, then flat index).
     "mask_words": "mask_words(Tensor[] grads, int threshold_key, int tie_limit, bool nan_as_zero) -> Tensor",
+    # Keys of the elements at global indices floor(i * N / num_samples), i < num_samples (all N when num_samples
+    # >= N): a deterministic strided sample used to bracket the k-th largest key.
+    "sample_keys": "sample_keys(Tensor[] grads, int num_samples, bool nan_as_zero) -> Tensor",
+    # One pass for a bracketed threshold: mask words with the bits of key > hi_key set; counts = int64
+    # [above (key > hi_key), in-window (lo_key <= key <= hi_key), NaN (when not nan_as_zero)]; the keys and
+    # positions (word index * 32 + bit: global order) of the in-window elements, in unspecified order (the CUDA
+    # kernel appends with atomics). When more than `capacity` fall in the window, which are stored is unspecified.
+    "window_select": (
+        "window_select(Tensor[] grads, int lo_key, int hi_key, int capacity, bool nan_as_zero) "
+        "-> (Tensor words, Tensor counts, Tensor cand_keys, Tensor cand_pos)"
+    ),
     # Masked optimizer steps (in place, multi-tensor). mask_words[i] holds the bit-packed mask of params[i] (an
     # empty tensor = every entry salient). Salient entries take the torch.optim update computed in fp32;
     # non-salient entries of params AND of every state tensor stay bit-identical. found_inf != 0 skips the step;
@@ -58,6 +69,26 @@ def _mask_words_fake(grads, threshold_key, tie_limit, nan_as_zero):
     torch._check(len(grads) > 0, lambda: "salun_ext: argument 'grads' is an empty list")
     total = sum(_mask_layout.segment_words(g.numel()) for g in grads)
     return grads[0].new_empty((total,), dtype=torch.int32)
+
+
+@torch.library.register_fake("salun_ext::sample_keys")
+def _sample_keys_fake(grads, num_samples, nan_as_zero):
+    torch._check(len(grads) > 0, lambda: "salun_ext: argument 'grads' is an empty list")
+    total = sum(g.numel() for g in grads)
+    return grads[0].new_empty((min(num_samples, total),), dtype=torch.int32)
+
+
+@torch.library.register_fake("salun_ext::window_select")
+def _window_select_fake(grads, lo_key, hi_key, capacity, nan_as_zero):
+    torch._check(len(grads) > 0, lambda: "salun_ext: argument 'grads' is an empty list")
+    total = sum(_mask_layout.segment_words(g.numel()) for g in grads)
+    g0 = grads[0]
+    return (
+        g0.new_empty((total,), dtype=torch.int32),
+        g0.new_empty((3,), dtype=torch.int64),
+        g0.new_empty((capacity,), dtype=torch.int32),
+        g0.new_empty((capacity,), dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("salun_ext::masked_sgd_")

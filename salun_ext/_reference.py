@@ -110,6 +110,68 @@ def mask_words(grads: list[torch.Tensor], threshold_key: int, tie_limit: int, na
     return out
 
 
+def sample_indices(total: int, num_samples: int, device) -> torch.Tensor:
+    """Global indices floor(i * total / num_samples) of the strided sample (all indices when it covers everything)."""
+    count = min(num_samples, total)
+    return torch.arange(count, dtype=torch.int64, device=device) * total // count
+
+
+def sample_keys(grads: list[torch.Tensor], num_samples: int, nan_as_zero: bool) -> torch.Tensor:
+    check_grads(grads)
+    if num_samples < 1:
+        raise RuntimeError(f"salun_ext: argument 'num_samples': expected >= 1, got {num_samples}")
+    total = sum(g.numel() for g in grads)
+    device = grads[0].device
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int32, device=device)
+    index = sample_indices(total, num_samples, device)
+    out = torch.empty(index.numel(), dtype=torch.int32, device=device)
+    start = 0
+    for g in grads:
+        n = g.numel()
+        sel = (index >= start) & (index < start + n)
+        if bool(sel.any()):
+            out[sel] = keys(g, nan_as_zero)[index[sel] - start].to(torch.int32)
+        start += n
+    return out
+
+
+def window_select(
+    grads: list[torch.Tensor], lo_key: int, hi_key: int, capacity: int, nan_as_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_grads(grads)
+    if not 0 <= lo_key <= hi_key <= NAN_KEY:
+        raise RuntimeError(
+            f"salun_ext: arguments 'lo_key', 'hi_key': expected 0 <= lo_key <= hi_key <= 0x7FFFFFFF, "
+            f"got {lo_key}, {hi_key}"
+        )
+    if capacity < 0:
+        raise RuntimeError(f"salun_ext: argument 'capacity': expected >= 0, got {capacity}")
+    device = grads[0].device
+    offsets, total = _mask_layout.word_offsets([g.numel() for g in grads])
+    words = torch.zeros(total, dtype=torch.int32, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    found_keys, found_pos = [], []
+    for g, offset in zip(grads, offsets):
+        k = keys(g, nan_as_zero)
+        above = k > hi_key
+        inside = (k >= lo_key) & ~above
+        packed = _mask_layout.pack_bits(above)
+        words[offset : offset + packed.numel()] = packed
+        counts[0] += above.sum()
+        counts[1] += inside.sum()
+        if not nan_as_zero:
+            counts[2] += (k == NAN_KEY).sum()
+        found_keys.append(k[inside].to(torch.int32))
+        found_pos.append(torch.nonzero(inside).flatten() + offset * 32)
+    cand_keys = torch.zeros(capacity, dtype=torch.int32, device=device)
+    cand_pos = torch.zeros(capacity, dtype=torch.int64, device=device)
+    all_keys, all_pos = torch.cat(found_keys)[:capacity], torch.cat(found_pos)[:capacity]
+    cand_keys[: all_keys.numel()] = all_keys
+    cand_pos[: all_pos.numel()] = all_pos
+    return words, counts, cand_keys, cand_pos
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masked optimizer steps
 
@@ -298,5 +360,7 @@ def register(library: torch.library.Library) -> None:
     """Register these as the CompositeExplicitAutograd kernels (the fallback for every device)."""
     library.impl("key_histogram", key_histogram, "CompositeExplicitAutograd")
     library.impl("mask_words", mask_words, "CompositeExplicitAutograd")
+    library.impl("sample_keys", sample_keys, "CompositeExplicitAutograd")
+    library.impl("window_select", window_select, "CompositeExplicitAutograd")
     library.impl("masked_sgd_", masked_sgd_, "CompositeExplicitAutograd")
     library.impl("masked_adam_", masked_adam_, "CompositeExplicitAutograd")

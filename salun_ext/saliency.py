@@ -10,6 +10,7 @@ writes repeat. Extra memory: the N/8-byte mask plus a few histograms.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,7 +27,16 @@ DIGIT_WIDTHS = (12, 10, 9)
 # fp16 and bf16 keys have their low 13 bits zero: the last digit then always lands in bin 0 and is skipped.
 _LOW_BITS_ZERO_FOR_16BIT = 13
 
+LOG = logging.getLogger("salun_ext")
 NanPolicy = str  # "raise" | "zero"
+Method = str  # "auto" | "histogram" | "window"
+
+# The window select (one pass when a sample brackets the threshold) pays off above this many elements.
+WINDOW_MIN_ELEMENTS = 1 << 16
+# Candidate buffers: 12 bytes per candidate, within the extra-memory budget of each device kind.
+WINDOW_CAPACITY = {"cuda": 5 << 20, "cpu": 1 << 20}
+WINDOW_SAMPLES = {"cuda": 1 << 20, "cpu": 1 << 15}
+WINDOW_SIGMAS = 3.5  # half-width of the bracket, in binomial standard deviations of the sample rank
 GradsLike = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]
 
 
@@ -112,9 +122,11 @@ def find_thresholds(
 
 def _raise_on_nan(hist: torch.Tensor, low_bit: int, tensors: list[torch.Tensor], names: Sequence[str] | None) -> None:
     first_nan_bin = (_reference.INF_KEY >> low_bit) + 1  # NaN is canonicalised to 0x7FFFFFFF, above +Inf's bin
-    nan_count = int(hist[:, first_nan_bin:].sum().item())
-    if nan_count == 0:
-        return
+    if int(hist[:, first_nan_bin:].sum().item()) > 0:
+        _raise_nan_error(tensors, names)
+
+
+def _raise_nan_error(tensors: list[torch.Tensor], names: Sequence[str] | None) -> None:
     culprits = [
         f"{names[i] if names else f'tensor {i}'} ({int(torch.isnan(t).sum().item())} NaN)"
         for i, t in enumerate(tensors)
@@ -124,6 +136,82 @@ def _raise_on_nan(hist: torch.Tensor, low_bit: int, tensors: list[torch.Tensor],
         f"gradient contains NaN: {', '.join(culprits)}. NaN has no magnitude to rank; fix the loss, or pass "
         "nan='zero' to rank NaN entries as 0"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window select: one pass over the gradients when a strided sample brackets the k-th largest key.
+#
+# A sample gives the approximate rank of every key; [lo, hi] is chosen around the k-th largest sample key with a
+# margin of WINDOW_SIGMAS binomial standard deviations. One fused pass (salun_ext::window_select) then writes the
+# final bit of every element above hi, leaves every element below lo at 0, counts the elements above hi and
+# compacts the few in-window elements (key and global position). If the k-th largest lies in the window, it is
+# found exactly among the candidates (ties ordered by position = global index); otherwise, or if the window held
+# more candidates than the buffer, the exact histogram path runs instead. Only speed depends on the sample.
+
+
+def _select_kth(values: torch.Tensor, r: int) -> torch.Tensor:
+    """The r-th largest of a 1-D tensor (0-dim tensor), exact; the fastest exact primitive per device."""
+    if values.device.type == "cpu":
+        return torch.kthvalue(values, values.numel() - r + 1).values
+    return torch.sort(values, descending=True).values[r - 1]
+
+
+def _set_bits(words: torch.Tensor, positions: torch.Tensor) -> None:
+    """Set the bits at global positions (word * 32 + bit); they are all 0 before, so adding is OR."""
+    if positions.numel() == 0:
+        return
+    values = torch.ones_like(positions) << (positions & 31)
+    values = torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
+    words.index_add_(0, positions >> 5, values)
+
+
+def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[tuple[torch.Tensor, Threshold] | None]:
+    """(words, threshold) per k from the window select, or None where the histogram path must decide."""
+    device_kind = "cuda" if tensors[0].device.type == "cuda" else "cpu"
+    total = sum(t.numel() for t in tensors)
+    sample = torch.ops.salun_ext.sample_keys(tensors, WINDOW_SAMPLES[device_kind], nan_as_zero)
+    sample = torch.sort(sample.long(), descending=True).values.cpu()
+    n_sample = sample.numel()
+    capacity = min(total, WINDOW_CAPACITY[device_kind])
+    out: list[tuple[torch.Tensor, Threshold] | None] = []
+    for k in ks:
+        if k == 0:
+            out.append(None)
+            continue
+        q = k / total
+        center = q * n_sample
+        margin = math.ceil(WINDOW_SIGMAS * math.sqrt(n_sample * q * (1 - q))) + 2
+        hi_rank, lo_rank = math.floor(center) - margin, math.ceil(center) + margin
+        hi_key = int(sample[hi_rank]) if hi_rank >= 0 else _reference.NAN_KEY
+        lo_key = int(sample[lo_rank]) if lo_rank < n_sample else 0
+        words, counts, cand_keys, cand_pos = torch.ops.salun_ext.window_select(
+            tensors, lo_key, hi_key, capacity, nan_as_zero
+        )
+        above, inside, nans = counts.tolist()
+        if nans:
+            _raise_nan_error(tensors, names)
+        if inside > capacity or not (above < k <= above + inside):
+            LOG.debug(
+                "window select missed (k=%d above=%d inside=%d capacity=%d): histogram path", k, above, inside, capacity
+            )
+            out.append(None)
+            continue
+        keys = cand_keys[:inside].long()
+        pos = cand_pos[:inside]
+        r = k - above
+        key = _select_kth(keys, r)
+        greater = keys > key
+        tie = keys == key
+        n_greater, n_ties = int(greater.sum()), int(tie.sum())
+        need = r - n_greater
+        if exact_k and need < n_ties:
+            tie_pos = torch.sort(pos[tie]).values[:need]  # the first ties in global order
+            _set_bits(words, torch.cat([pos[greater], tie_pos]))
+        else:
+            _set_bits(words, pos[greater | tie])
+        # greater/ties of the whole list: everything above hi, plus the candidates above / at the threshold
+        out.append((words, Threshold(k=k, key=int(key), greater=above + n_greater, ties=n_ties)))
+    return out
 
 
 def ratio_to_k(ratio: float, total: int) -> int:
@@ -186,6 +274,7 @@ def saliency_masks(
     exact_k: bool = True,
     nan: NanPolicy = "raise",
     reducer: HistogramReducer | None = None,
+    method: Method = "auto",
 ) -> SaliencyMask | list[SaliencyMask]:
     """Exact global top-k saliency masks over many tensors, without concatenating them.
 
@@ -196,6 +285,9 @@ def saliency_masks(
         exact_k: True selects exactly k entries, breaking ties at the threshold by ascending global index
             (tensor order, then flat index): deterministic. False selects every entry with |g| >= threshold.
         nan: "raise" (default) raises naming the tensors that hold NaN; "zero" ranks NaN as 0.
+        method: "histogram" (radix-select histogram passes, then one mask pass), "window" (a sample brackets the
+            threshold and one fused pass writes the mask; falls back to the histogram path when the bracket
+            misses), or "auto" (window for one-process lists of 65536+ elements). Every method is exact.
 
     Returns:
         A SaliencyMask (mask = 1: salient), or a list of them when `ratios` is a sequence.
@@ -211,14 +303,28 @@ def saliency_masks(
     ks = [ratio_to_k(r, total) for r in ratio_list]
     nan_as_zero = _nan_as_zero(nan)
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    if method not in ("auto", "histogram", "window"):
+        raise ValueError(f"method must be 'auto', 'histogram' or 'window', got {method!r}")
+    if method == "window" and reducer is not None:
+        raise ValueError("method='window' works in one process only; distributed selects use the histogram path")
+    use_window = method == "window" or (method == "auto" and reducer is None and total >= WINDOW_MIN_ELEMENTS)
 
-    thresholds = find_thresholds(tensors, ks, nan_as_zero=nan_as_zero, names=names, reducer=reducer)
+    results: list[tuple[torch.Tensor, Threshold] | None] = (
+        _window_masks(tensors, names, ks, exact_k, nan_as_zero) if use_window else [None] * len(ks)
+    )
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        thresholds = find_thresholds(
+            tensors, [ks[i] for i in missing], nan_as_zero=nan_as_zero, names=names, reducer=reducer
+        )
+        for i, th in zip(missing, thresholds):
+            if th.k == 0:
+                words = torch.zeros(_total_words(tensors), dtype=torch.int32, device=tensors[0].device)
+            else:
+                words = torch.ops.salun_ext.mask_words(tensors, th.key, th.tie_limit(exact_k), nan_as_zero)
+            results[i] = (words, th)
     masks = []
-    for ratio, th in zip(ratio_list, thresholds):
-        if th.k == 0:
-            words = torch.zeros(_total_words(tensors), dtype=torch.int32, device=tensors[0].device)
-        else:
-            words = torch.ops.salun_ext.mask_words(tensors, th.key, th.tie_limit(exact_k), nan_as_zero)
+    for ratio, (words, th) in zip(ratio_list, results):
         masks.append(
             SaliencyMask(
                 words,

@@ -172,3 +172,59 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.salun_ext.key_histogram.default, (tensors, 9, 10, [0, 1000], True))
     torch.library.opcheck(torch.ops.salun_ext.mask_words.default, (tensors, 0x3F000000, -1, False))
     torch.library.opcheck(torch.ops.salun_ext.mask_words.default, (tensors, 0x3F000000, 3, False))
+    torch.library.opcheck(torch.ops.salun_ext.sample_keys.default, (tensors, 50, False))
+    if device == "cpu":  # the CUDA kernel appends candidates in a nondeterministic order
+        torch.library.opcheck(torch.ops.salun_ext.window_select.default, (tensors, 0x3E000000, 0x3F800000, 64, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", ["fp32", "mixed"], ids=id_formatter("dtypes"))
+def test_sample_keys_matches_reference(device, kind, dtypes):
+    tensors = nasty_list(SIZE_SETS["odd"], kind, DTYPE_SETS[dtypes], seed=5, device=device)
+    total = sum(t.numel() for t in tensors)
+    for samples in (1, 7, 1000, total, total + 5):
+        for nan_as_zero in (False, True):
+            got = torch.ops.salun_ext.sample_keys(tensors, samples, nan_as_zero)
+            assert torch.equal(got, _reference.sample_keys(tensors, samples, nan_as_zero))
+
+
+def _sorted_candidates(keys, pos, count):
+    order = torch.argsort(pos[:count])
+    return keys[:count][order], pos[:count][order]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=id_formatter("dtypes"))
+def test_window_select_matches_reference(device, kind, dtypes):
+    tensors = nasty_list(SIZE_SETS["odd"], kind, DTYPE_SETS[dtypes], seed=6, device=device)
+    keys = torch.cat([_reference.keys(t.cpu(), False) for t in tensors])
+    qs = torch.quantile(keys.double(), torch.tensor([0.0, 0.3, 0.5, 0.51, 0.9, 1.0], dtype=torch.double))
+    windows = [
+        (int(qs[1]), int(qs[2])),
+        (int(qs[2]), int(qs[3])),
+        (int(qs[0]), int(qs[5])),
+        (0, 0),
+        (int(qs[4]), _reference.NAN_KEY),
+        (int(qs[3]), int(qs[3])),
+    ]
+    for lo, hi in windows:
+        for nan_as_zero in (False, True):
+            got = torch.ops.salun_ext.window_select(tensors, lo, hi, 200_000, nan_as_zero)
+            want = _reference.window_select(tensors, lo, hi, 200_000, nan_as_zero)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (lo, hi)
+            count = int(want[1][1])
+            gk, gp = _sorted_candidates(got[2], got[3], count)
+            wk, wp = _sorted_candidates(want[2], want[3], count)
+            assert torch.equal(gk, wk) and torch.equal(gp, wp), (lo, hi)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_select_overflow_still_counts_everything(device):
+    tensors = [torch.zeros(100_000, device=device), torch.ones(5, device=device)]
+    words, counts, keys, pos = torch.ops.salun_ext.window_select(tensors, 0, 0, 1000, False)
+    assert counts.tolist() == [5, 100_000, 0]
+    assert keys.numel() == 1000 and bool((keys == 0).all())
+    assert bool((pos < 100_000).all()), "only in-window (zero) elements are stored"
+    assert salun_ext._mask_layout.popcount(words) == 5

@@ -275,3 +275,44 @@ def test_more_than_2_pow_32_elements_exact_with_ties_beyond_32_bit_indices():
     last = mask.dense("3")
     cut = ties_taken - 3 * 2**30
     assert bool(last[:cut].all()) and not bool(last[cut:].any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("method", ["window", "histogram"])
+def test_every_method_is_exact(device, kind, method):
+    tensors = nasty_list([70_000, 1, 40_000, 333], kind, [torch.float32, torch.bfloat16], seed=8, device=device)
+    masks = salun_ext.saliency_masks(tensors, RATIOS, nan="zero", method=method)
+    for mask in masks:
+        assert torch.equal(flat_dense(mask), oracle_exact_mask(tensors, mask.k))
+    loose = salun_ext.saliency_masks(tensors, [0.1, 0.5], nan="zero", method=method, exact_k=False)
+    keys = oracle_keys(tensors)
+    for mask in loose:
+        kth = torch.sort(keys, descending=True).values[mask.k - 1]
+        assert torch.equal(flat_dense(mask), keys >= kth)
+
+
+def test_window_falls_back_to_histograms_when_the_bracket_misses(monkeypatch, caplog):
+    from salun_ext import saliency
+
+    tensors = nasty_list([100_000, 50_000], "zeros30", [torch.float32], seed=12)
+    expected = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="histogram")
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 10)  # every window overflows its buffer
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window")
+    assert "window select missed" in caplog.text
+    for g, e in zip(got, expected):
+        assert g.equal(e) and g.threshold == e.threshold
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 1 << 20)
+    monkeypatch.setattr(saliency, "WINDOW_SIGMAS", 0.0)  # a bracket too narrow to hold the threshold, often
+    for g, e in zip(salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window"), expected):
+        assert g.equal(e)
+
+
+def test_window_nan_is_reported():
+    g = {"w": torch.randn(100_000)}
+    g["w"][77] = float("nan")
+    with pytest.raises(ValueError, match=r"w \(1 NaN\)"):
+        salun_ext.saliency_masks(g, 0.5, method="window")
+    with pytest.raises(ValueError, match="method must be"):
+        salun_ext.saliency_masks(g, 0.5, method="sort")

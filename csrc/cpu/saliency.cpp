@@ -15,7 +15,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "salun_ext/key.h"
@@ -219,11 +221,108 @@ at::Tensor mask_words_cpu(const std::vector<at::Tensor>& grads, int64_t threshol
   return out;
 }
 
+at::Tensor sample_keys_cpu(const std::vector<at::Tensor>& grads, int64_t num_samples, bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  SALUN_CHECK_ARG(num_samples >= 1, "num_samples", "expected >= 1, got ", num_samples);
+  const int64_t total = info.total_elements;
+  const int64_t count = std::min(num_samples, total);
+  at::Tensor out = at::empty({count}, grads.front().options().dtype(at::kInt));
+  int32_t* dst = out.data_ptr<int32_t>();
+  size_t t = 0;
+  int64_t start = 0;  // global index of tensor t's first element
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t index = i * total / count;  // increasing in i: walk the tensors once
+    while (index >= start + info.numel[t]) start += info.numel[t++];
+    with_key_reader(grads[t], info.dtype[t], nan_as_zero,
+                    [&](auto key_of) { dst[i] = static_cast<int32_t>(key_of(index - start)); });
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cpu(const std::vector<at::Tensor>& grads,
+                                                                              int64_t lo_key, int64_t hi_key,
+                                                                              int64_t capacity, bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  SALUN_CHECK_ARG(0 <= lo_key && lo_key <= hi_key && hi_key <= static_cast<int64_t>(kNanKey), "lo_key, hi_key",
+                  "expected 0 <= lo_key <= hi_key <= 0x7FFFFFFF, got ", lo_key, ", ", hi_key);
+  SALUN_CHECK_ARG(capacity >= 0, "capacity", "expected >= 0, got ", capacity);
+  const uint32_t lo = static_cast<uint32_t>(lo_key), hi = static_cast<uint32_t>(hi_key);
+  const std::vector<Chunk> chunks = make_chunks(info);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  at::Tensor words_t = at::zeros({info.total_words}, grads.front().options().dtype(at::kInt));
+  uint32_t* words = reinterpret_cast<uint32_t*>(words_t.data_ptr<int32_t>());
+
+  // Per-chunk candidate lists, concatenated in chunk order at the end: candidates come out in global order.
+  struct ChunkResult {
+    int64_t above = 0, inside = 0, nan = 0;
+    std::vector<uint32_t> keys;
+    std::vector<int64_t> pos;
+  };
+  std::vector<ChunkResult> results(num_chunks);
+  // Once the window is known to overflow `capacity` the caller falls back to the histogram path, so candidate
+  // lists are dropped from then on: memory stays bounded whatever the window holds.
+  std::atomic<int64_t> collected{0};
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& ch = chunks[c];
+      ChunkResult& r = results[c];
+      const int64_t word_base = info.word_offset[ch.tensor];
+      with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
+        for (int64_t base = ch.begin; base < ch.end; base += kBitsPerWord) {
+          const int64_t n = std::min<int64_t>(kBitsPerWord, ch.end - base);
+          // branch-free bit masks first (vectorisable), then a walk over the rare in-window bits
+          uint32_t keys[kBitsPerWord];
+          uint32_t word = 0, inside = 0, nan = 0;
+          for (int64_t j = 0; j < n; ++j) keys[j] = key_of(base + j);
+          for (int64_t j = 0; j < n; ++j) {
+            word |= static_cast<uint32_t>(keys[j] > hi) << j;
+            inside |= static_cast<uint32_t>(keys[j] >= lo && keys[j] <= hi) << j;
+            nan |= static_cast<uint32_t>(keys[j] == kNanKey) << j;
+          }
+          if (!nan_as_zero) r.nan += __builtin_popcount(nan);
+          for (uint32_t bits = inside; bits != 0; bits &= bits - 1) {
+            const int j = __builtin_ctz(bits);
+            r.keys.push_back(keys[j]);
+            r.pos.push_back((word_base + base / kBitsPerWord) * kBitsPerWord + j);
+          }
+          r.above += __builtin_popcount(word);
+          words[word_base + base / kBitsPerWord] = word;
+        }
+      });
+      r.inside = static_cast<int64_t>(r.keys.size());
+      if (collected.fetch_add(r.inside) + r.inside > capacity) {
+        std::vector<uint32_t>().swap(r.keys);
+        std::vector<int64_t>().swap(r.pos);
+      }
+    }
+  });
+
+  at::Tensor counts = at::zeros({3}, grads.front().options().dtype(at::kLong));
+  at::Tensor cand_keys = at::zeros({capacity}, grads.front().options().dtype(at::kInt));
+  at::Tensor cand_pos = at::zeros({capacity}, grads.front().options().dtype(at::kLong));
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int32_t* out_keys = cand_keys.data_ptr<int32_t>();
+  int64_t* out_pos = cand_pos.data_ptr<int64_t>();
+  for (const ChunkResult& r : results) {
+    const int64_t kept = static_cast<int64_t>(r.keys.size());
+    for (int64_t j = 0; j < kept && cnt[1] + j < capacity; ++j) {
+      out_keys[cnt[1] + j] = static_cast<int32_t>(r.keys[j]);
+      out_pos[cnt[1] + j] = r.pos[j];
+    }
+    cnt[0] += r.above;
+    cnt[1] += r.inside;
+    cnt[2] += r.nan;
+  }
+  return {words_t, counts, cand_keys, cand_pos};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(salun_ext, CPU, m) {
   m.impl("key_histogram", &key_histogram_cpu);
   m.impl("mask_words", &mask_words_cpu);
+  m.impl("sample_keys", &sample_keys_cpu);
+  m.impl("window_select", &window_select_cpu);
 }
 
 }  // namespace salun_ext

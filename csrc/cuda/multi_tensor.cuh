@@ -26,6 +26,7 @@ struct TensorMeta {
   int64_t numel;
   int64_t chunk_begin;  // index of this tensor's first chunk in the global chunk sequence
   int64_t word_offset;  // first mask word of this tensor
+  int64_t elem_begin;   // global index of this tensor's first element
   int32_t dtype;        // KeyDtype
   int32_t vector_ok;    // 1 when ptr is 16-byte aligned (16-byte loads allowed)
 };
@@ -40,12 +41,15 @@ struct DeviceTable {
 inline DeviceTable upload_table(const std::vector<at::Tensor>& tensors, const TensorListInfo& info, int64_t chunk) {
   std::vector<TensorMeta> metas;
   int64_t chunks = 0;
+  int64_t elements = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (info.numel[i] == 0) continue;  // empty tensors own no chunk and no mask word
     const void* ptr = tensors[i].data_ptr();
-    metas.push_back(TensorMeta{ptr, info.numel[i], chunks, info.word_offset[i], static_cast<int32_t>(info.dtype[i]),
+    metas.push_back(TensorMeta{ptr, info.numel[i], chunks, info.word_offset[i], elements,
+                               static_cast<int32_t>(info.dtype[i]),
                                (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) ? 1 : 0});
     chunks += (info.numel[i] + chunk - 1) / chunk;
+    elements += info.numel[i];
   }
   DeviceTable table;
   table.num_tensors = static_cast<int>(metas.size());
@@ -71,6 +75,32 @@ __device__ __forceinline__ int find_tensor(const TensorMeta* metas, int num_tens
     }
   }
   return lo;
+}
+
+// Index of the tensor holding global element `index` (largest t with elem_begin <= index).
+__device__ __forceinline__ int find_tensor_of_element(const TensorMeta* metas, int num_tensors, int64_t index) {
+  int lo = 0, hi = num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (metas[mid].elem_begin <= index) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// The key of element i of a tensor (scalar load).
+__device__ __forceinline__ uint32_t key_at(const TensorMeta& m, int64_t i, bool nan_as_zero) {
+  switch (static_cast<KeyDtype>(m.dtype)) {
+    case KeyDtype::kFloat32:
+      return key_from_fp32_bits(static_cast<const uint32_t*>(m.ptr)[i], nan_as_zero);
+    case KeyDtype::kBFloat16:
+      return key_from_bf16_bits(static_cast<const uint16_t*>(m.ptr)[i], nan_as_zero);
+    default:
+      return key_from_fp16_bits(static_cast<const uint16_t*>(m.ptr)[i], nan_as_zero);
+  }
 }
 
 // Elements per 16-byte vector: 4 fp32 or 8 bf16/fp16.

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -282,22 +283,7 @@ __global__ void fix_straddling_ties_kernel(const TensorMeta* __restrict__ metas,
   uint32_t* tensor_words = words + m.word_offset;
   for (int64_t base = begin; base < end && remaining > 0; base += 32) {
     const int64_t i = base + lane;
-    bool tie = false;
-    if (i < end) {
-      uint32_t key;
-      switch (static_cast<KeyDtype>(m.dtype)) {
-        case KeyDtype::kFloat32:
-          key = key_from_fp32_bits(static_cast<const uint32_t*>(m.ptr)[i], nan_as_zero);
-          break;
-        case KeyDtype::kBFloat16:
-          key = key_from_bf16_bits(static_cast<const uint16_t*>(m.ptr)[i], nan_as_zero);
-          break;
-        default:
-          key = key_from_fp16_bits(static_cast<const uint16_t*>(m.ptr)[i], nan_as_zero);
-          break;
-      }
-      tie = key == threshold;
-    }
+    const bool tie = i < end && key_at(m, i, nan_as_zero) == threshold;
     const unsigned ties = __ballot_sync(kFullMask, tie);
     const bool take = tie && __popc(ties & lanes_below) < remaining;
     const unsigned taken = __ballot_sync(kFullMask, take);
@@ -344,12 +330,178 @@ at::Tensor mask_words_cuda(const std::vector<at::Tensor>& grads, int64_t thresho
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// sample_keys + window_select: the one-pass select for a threshold bracketed by a sample
+
+__global__ void sample_keys_kernel(const TensorMeta* __restrict__ metas, int num_tensors, int64_t total,
+                                   int64_t count, bool nan_as_zero, int32_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t index = i * total / count;
+    const TensorMeta m = metas[find_tensor_of_element(metas, num_tensors, index)];
+    out[i] = static_cast<int32_t>(key_at(m, index - m.elem_begin, nan_as_zero));
+  }
+}
+
+at::Tensor sample_keys_cuda(const std::vector<at::Tensor>& grads, int64_t num_samples, bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  SALUN_CHECK_ARG(num_samples >= 1, "num_samples", "expected >= 1, got ", num_samples);
+  const c10::cuda::CUDAGuard guard(grads.front().device());
+  const int64_t count = std::min(num_samples, info.total_elements);
+  at::Tensor out = at::empty({count}, grads.front().options().dtype(at::kInt));
+  const DeviceTable table = upload_table(grads, info, kChunk);
+  if (count == 0) return out;
+  const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
+  sample_keys_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      table.metas, table.num_tensors, info.total_elements, count, nan_as_zero, out.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+constexpr int kWindowBuffer = 7680;  // shared-memory candidates per block before a flush (45 KB with the keys)
+static_assert(kChunk <= 65536, "local candidate positions are 16-bit");
+static_assert(kWindowBuffer > kThreads * 8, "an empty buffer must hold a whole tile of candidates");
+
+// Writes the key > hi_key bits (as mask_words) and appends in-window elements to a shared-memory buffer (warp-
+// aggregated shared atomics), flushed to the global candidate arrays with one global atomic per block per chunk,
+// so the global counter sees a few tens of thousands of atomics even for billions of elements.
+__global__ void __launch_bounds__(kThreads) window_select_kernel(
+    const TensorMeta* __restrict__ metas, int num_tensors, int64_t total_chunks, uint32_t lo, uint32_t hi,
+    int64_t capacity, bool nan_as_zero, uint32_t* __restrict__ words, unsigned long long* __restrict__ counts,
+    int32_t* __restrict__ cand_keys, int64_t* __restrict__ cand_pos) {
+  __shared__ uint32_t s_keys[kWindowBuffer];
+  __shared__ uint16_t s_local[kWindowBuffer];
+  __shared__ int s_count;
+  __shared__ unsigned long long s_base;
+  __shared__ unsigned long long s_reduce[2][kThreads / 32];
+  const unsigned lane = threadIdx.x & 31;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  unsigned long long above = 0, nans = 0;
+  if (threadIdx.x == 0) s_count = 0;
+  __syncthreads();
+
+  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+    const TensorMeta m = metas[find_tensor(metas, num_tensors, chunk)];
+    const int64_t begin = (chunk - m.chunk_begin) * kChunk;
+    const int64_t end = begin + kChunk < m.numel ? begin + kChunk : m.numel;
+    uint32_t* tensor_words = words + m.word_offset;
+
+    auto flush = [&]() {
+      __syncthreads();
+      if (threadIdx.x == 0) s_base = atomicAdd(counts + 1, static_cast<unsigned long long>(s_count));
+      __syncthreads();
+      const int64_t pos_base = m.word_offset * 32 + begin;
+      for (int j = threadIdx.x; j < s_count; j += blockDim.x) {
+        const unsigned long long slot = s_base + j;
+        if (slot < static_cast<unsigned long long>(capacity)) {
+          cand_keys[slot] = static_cast<int32_t>(s_keys[j]);
+          cand_pos[slot] = pos_base + s_local[j];
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) s_count = 0;
+      __syncthreads();
+    };
+
+    dispatch_key_dtype(m.dtype, [&](auto dtype_tag) {
+      constexpr KeyDtype D = decltype(dtype_tag)::value;
+      constexpr int E = VecWidth<D>::value;
+      constexpr int kLanesPerWord = 32 / E;
+      constexpr int kTile = kThreads * E;
+      for (int64_t base = begin; base < end; base += kTile) {
+        // Read the buffer fill between two barriers so every thread takes the same flush decision.
+        __syncthreads();
+        const bool full = s_count > kWindowBuffer - kTile;
+        __syncthreads();
+        if (full) flush();
+        const int64_t i = base + static_cast<int64_t>(threadIdx.x) * E;
+        uint32_t keys[E];
+        bool valid[E];
+        load_keys<D>(m, i, nan_as_zero, keys, valid);
+        uint32_t bits = 0;
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          const bool ok = valid[j] && i + j < end;
+          bits |= static_cast<uint32_t>(ok && keys[j] > hi) << j;
+          nans += ok && !nan_as_zero && keys[j] == kNanKey;
+          const bool inside = ok && keys[j] >= lo && keys[j] <= hi;
+          const unsigned hits = __ballot_sync(kFullMask, inside);
+          if (hits != 0) {
+            const int leader = __ffs(hits) - 1;
+            int offset = 0;
+            if (static_cast<int>(lane) == leader) offset = atomicAdd(&s_count, __popc(hits));
+            offset = __shfl_sync(kFullMask, offset, leader);
+            if (inside) {
+              const int slot = offset + __popc(hits & lanes_below);
+              s_keys[slot] = keys[j];
+              s_local[slot] = static_cast<uint16_t>(i + j - begin);
+            }
+          }
+        }
+        above += __popc(bits);
+        uint32_t word = bits << static_cast<uint32_t>(i & 31);
+#pragma unroll
+        for (int offset = 1; offset < kLanesPerWord; offset <<= 1) word |= __shfl_xor_sync(kFullMask, word, offset);
+        if (lane % kLanesPerWord == 0 && i < end) tensor_words[i >> 5] = word;
+      }
+    });
+    flush();
+  }
+
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    above += __shfl_down_sync(kFullMask, above, offset);
+    nans += __shfl_down_sync(kFullMask, nans, offset);
+  }
+  if (lane == 0) {
+    s_reduce[0][threadIdx.x >> 5] = above;
+    s_reduce[1][threadIdx.x >> 5] = nans;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long a = 0, n = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      a += s_reduce[0][w];
+      n += s_reduce[1][w];
+    }
+    if (a) atomicAdd(counts, a);
+    if (n) atomicAdd(counts + 2, n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cuda(const std::vector<at::Tensor>& grads,
+                                                                               int64_t lo_key, int64_t hi_key,
+                                                                               int64_t capacity, bool nan_as_zero) {
+  const TensorListInfo info = describe_tensor_list(grads);
+  SALUN_CHECK_ARG(0 <= lo_key && lo_key <= hi_key && hi_key <= static_cast<int64_t>(kNanKey), "lo_key, hi_key",
+                  "expected 0 <= lo_key <= hi_key <= 0x7FFFFFFF, got ", lo_key, ", ", hi_key);
+  SALUN_CHECK_ARG(capacity >= 0, "capacity", "expected >= 0, got ", capacity);
+  const c10::cuda::CUDAGuard guard(grads.front().device());
+  const auto options = grads.front().options();
+  at::Tensor words = at::zeros({info.total_words}, options.dtype(at::kInt));
+  at::Tensor counts = at::zeros({3}, options.dtype(at::kLong));
+  at::Tensor cand_keys = at::zeros({capacity}, options.dtype(at::kInt));
+  at::Tensor cand_pos = at::zeros({capacity}, options.dtype(at::kLong));
+  const DeviceTable table = upload_table(grads, info, kChunk);
+  if (table.total_chunks == 0) return {words, counts, cand_keys, cand_pos};
+  const int grid = grid_size(reinterpret_cast<const void*>(&window_select_kernel), grads.front().device().index(), 0,
+                             table.total_chunks);
+  window_select_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      table.metas, table.num_tensors, table.total_chunks, static_cast<uint32_t>(lo_key),
+      static_cast<uint32_t>(hi_key), capacity, nan_as_zero, reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()),
+      reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), cand_keys.data_ptr<int32_t>(),
+      cand_pos.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {words, counts, cand_keys, cand_pos};
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(salun_ext, CUDA, m) {
   m.impl("key_histogram", &cuda::key_histogram_cuda);
   m.impl("mask_words", &cuda::mask_words_cuda);
+  m.impl("sample_keys", &cuda::sample_keys_cuda);
+  m.impl("window_select", &cuda::window_select_cuda);
 }
 
 }  // namespace salun_ext

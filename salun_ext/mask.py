@@ -8,6 +8,7 @@ computed, and the masked optimizers read it directly. Dense bool tensors exist o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,46 @@ _WORDS_KEY = "words"
 PathLike = str | os.PathLike
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskShard:
+    """Where one process's mask lies in the global mask (None on a SaliencyMask = the mask is global).
+
+    layout "boxes": every rank covers the same global tensors; tensor i of this rank's mask is the box of shape
+        `mask.shapes[i]` at `offsets[i]` of the global tensor of shape `global_shapes[i]` (DTensor / FSDP2 shards).
+    layout "per_rank": each rank covers its own tensors (global order: rank order, then list order); offsets are
+        zero and global shapes equal the local ones.
+    `salun_ext.distributed.gather_mask` consolidates the shards; `shard_mask` cuts a global mask to a rank's boxes.
+    """
+
+    rank: int
+    world_size: int
+    global_shapes: tuple[torch.Size, ...]
+    offsets: tuple[tuple[int, ...], ...]
+    layout: str = "boxes"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "global_shapes": [list(s) for s in self.global_shapes],
+                "offsets": [list(o) for o in self.offsets],
+                "layout": self.layout,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> MaskShard:
+        d = json.loads(text)
+        return cls(
+            rank=int(d["rank"]),
+            world_size=int(d["world_size"]),
+            global_shapes=tuple(torch.Size(s) for s in d["global_shapes"]),
+            offsets=tuple(tuple(int(x) for x in o) for o in d["offsets"]),
+            layout=str(d["layout"]),
+        )
+
+
 class SaliencyMask:
     """Bit-packed saliency mask over a named list of tensors.
 
@@ -36,6 +77,8 @@ class SaliencyMask:
         threshold: the k-th largest |g| (float; +inf when k = 0; None when unknown).
         exact_k: whether ties at the threshold were broken by global index (True) or all kept (False).
         words: the int32 word buffer.
+        shard: None for a global mask; for one process's part of a distributed mask, where it lies (MaskShard:
+            `shapes` are then the local shapes, `k` and `threshold` the global ones).
     """
 
     def __init__(
@@ -48,6 +91,7 @@ class SaliencyMask:
         k: int | None = None,
         threshold: float | None = None,
         exact_k: bool = True,
+        shard: MaskShard | None = None,
     ) -> None:
         names = tuple(names)
         shapes = tuple(torch.Size(s) for s in shapes)
@@ -71,6 +115,11 @@ class SaliencyMask:
         self.k = k
         self.threshold = threshold
         self.exact_k = exact_k
+        if shard is not None and (len(shard.global_shapes) != len(shapes) or len(shard.offsets) != len(shapes)):
+            raise ValueError(
+                f"SaliencyMask: shard describes {len(shard.global_shapes)} tensors but the mask has {len(shapes)}"
+            )
+        self.shard = shard
         self._offsets = offsets
         self._index = {n: i for i, n in enumerate(names)}
 
@@ -136,6 +185,7 @@ class SaliencyMask:
             k=self.k,
             threshold=self.threshold,
             exact_k=self.exact_k,
+            shard=self.shard,
         )
         fields.update(changes)
         words = fields.pop("words")
@@ -161,7 +211,9 @@ class SaliencyMask:
         ratio = "None" if self.ratio is None else f"{self.ratio:g}"
         return (
             f"SaliencyMask(tensors={len(self.names)}, numel={self.numel}, ratio={ratio}, k={self.k}, "
-            f"threshold={self.threshold}, exact_k={self.exact_k}, device={self.device})"
+            f"threshold={self.threshold}, exact_k={self.exact_k}, device={self.device}"
+            + (f", shard={self.shard.rank}/{self.shard.world_size}" if self.shard is not None else "")
+            + ")"
         )
 
     # ------------------------------------------------------------------ compatibility
@@ -185,9 +237,11 @@ class SaliencyMask:
             shape = value.shape if isinstance(value, torch.Tensor) else torch.Size(value)
             found[name] = torch.Size(shape)
         missing = [n for n in self.names if n not in found]
+        # a shard of a distributed mask is checked against the global shapes (DTensor .shape is global)
+        shapes = self.shard.global_shapes if self.shard is not None else self.shapes
         mismatched = [
             f"{n}: mask {tuple(s)} vs {what} {tuple(found[n])}"
-            for n, s in zip(self.names, self.shapes)
+            for n, s in zip(self.names, shapes)
             if n in found and found[n] != s
         ]
         extra = [n for n in found if n not in self._index] if require_all else []
@@ -280,6 +334,8 @@ class SaliencyMask:
             "threshold": json.dumps(_float_to_json(self.threshold)),
             "exact_k": json.dumps(self.exact_k),
         }
+        if self.shard is not None:
+            metadata["shard"] = self.shard.to_json()
         save_file({_WORDS_KEY: self.words.detach().cpu().contiguous()}, os.fspath(path), metadata=metadata)
 
     @classmethod
@@ -315,13 +371,17 @@ class SaliencyMask:
             k = json.loads(metadata["k"])
             threshold = _float_from_json(json.loads(metadata["threshold"]))
             exact_k = json.loads(metadata["exact_k"])
-        except (KeyError, json.JSONDecodeError) as exc:
+            shard = MaskShard.from_json(metadata["shard"]) if "shard" in metadata else None
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: corrupted mask metadata ({exc})") from exc
         try:
-            mask = cls(words.to(device), names, shapes, ratio=ratio, k=k, threshold=threshold, exact_k=exact_k)
+            mask = cls(
+                words.to(device), names, shapes, ratio=ratio, k=k, threshold=threshold, exact_k=exact_k, shard=shard
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: corrupted mask ({exc})") from exc
-        if mask.k is not None and mask.exact_k and mask.count() != mask.k:
+        # a shard holds only its part of the k salient entries (gather_mask checks the total)
+        if mask.k is not None and mask.exact_k and mask.shard is None and mask.count() != mask.k:
             raise ValueError(f"{path}: corrupted mask: {mask.count()} salient entries but k = {mask.k}")
         _check_padding_zero(mask, path)
         return mask

@@ -71,6 +71,17 @@ class HistogramReducer:
         return hist
 
 
+def _histogram(
+    tensors: list[torch.Tensor], low_bit: int, width: int, rows: list[int], nan_as_zero: bool
+) -> torch.Tensor:
+    """key_histogram over the non-empty tensors (zeros when there are none: a process may hold no elements)."""
+    nonempty = [t for t in tensors if t.numel() > 0]
+    if not nonempty:
+        device = tensors[0].device if tensors else "cpu"
+        return torch.zeros((len(rows), 1 << width), dtype=torch.int64, device=device)
+    return torch.ops.salun_ext.key_histogram(nonempty, low_bit, width, rows, nan_as_zero)
+
+
 def find_thresholds(
     tensors: list[torch.Tensor],
     ks: Sequence[int],
@@ -78,10 +89,17 @@ def find_thresholds(
     nan_as_zero: bool = False,
     names: Sequence[str] | None = None,
     reducer: HistogramReducer | None = None,
+    total: int | None = None,
+    all_16bit: bool | None = None,
 ) -> list[Threshold]:
-    """Exact k-th largest |g| key over `tensors` for every k in `ks` (histogram passes shared by all ks)."""
+    """Exact k-th largest |g| key over `tensors` for every k in `ks` (histogram passes shared by all ks).
+
+    With a distributed `reducer`, `tensors` are this process's part; `total` (the global element count) and
+    `all_16bit` (whether every process's tensors are 16-bit) must then be the same on every process.
+    """
     reducer = reducer or HistogramReducer()
-    total = sum(t.numel() for t in tensors)
+    if total is None:
+        total = sum(t.numel() for t in tensors)
     for k in ks:
         if not 0 <= k <= total:
             raise ValueError(f"k = {k} is outside [0, {total}]")
@@ -89,7 +107,8 @@ def find_thresholds(
     prefix = dict.fromkeys(active, 0)
     greater = dict.fromkeys(active, 0)
     ties = dict.fromkeys(active, 0)
-    all_16bit = all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+    if all_16bit is None:
+        all_16bit = all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
 
     low_bit = _reference.KEY_BITS
     for level, width in enumerate(DIGIT_WIDTHS):
@@ -102,7 +121,7 @@ def find_thresholds(
                 prefix[i] <<= width
             continue
         rows = sorted(set(prefix.values()))
-        hist = torch.ops.salun_ext.key_histogram(tensors, low_bit, width, rows, nan_as_zero)
+        hist = _histogram(tensors, low_bit, width, rows, nan_as_zero)
         hist = reducer.reduce(hist).cpu()
         if level == 0 and not nan_as_zero:
             _raise_on_nan(hist, low_bit, tensors, names)
@@ -132,8 +151,9 @@ def _raise_nan_error(tensors: list[torch.Tensor], names: Sequence[str] | None) -
         for i, t in enumerate(tensors)
         if bool(torch.isnan(t).any())
     ]
+    where = ", ".join(culprits) if culprits else "every NaN entry is held by another process"
     raise ValueError(
-        f"gradient contains NaN: {', '.join(culprits)}. NaN has no magnitude to rank; fix the loss, or pass "
+        f"gradient contains NaN: {where}. NaN has no magnitude to rank; fix the loss, or pass "
         "nan='zero' to rank NaN entries as 0"
     )
 
@@ -275,6 +295,9 @@ def saliency_masks(
     nan: NanPolicy = "raise",
     reducer: HistogramReducer | None = None,
     method: Method = "auto",
+    process_group: Any = None,
+    layout: str = "replicated",
+    timeout_s: float | None = 300.0,
 ) -> SaliencyMask | list[SaliencyMask]:
     """Exact global top-k saliency masks over many tensors, without concatenating them.
 
@@ -288,10 +311,31 @@ def saliency_masks(
         method: "histogram" (radix-select histogram passes, then one mask pass), "window" (a sample brackets the
             threshold and one fused pass writes the mask; falls back to the histogram path when the bracket
             misses), or "auto" (window for one-process lists of 65536+ elements). Every method is exact.
+        process_group: a torch.distributed group (or `torch.distributed.group.WORLD`): the mask is global over
+            the whole group, bit-identical to the single-process mask of the full list. Only histograms are
+            communicated (KiB, whatever the model size). DTensor gradients (FSDP2) use the default group when
+            this is None. Every rank must call with the same ratios and options. See docs/distributed.md.
+        layout: how plain tensors are spread over the group: "replicated" (DDP: every rank holds the same full
+            gradients; returns the global mask) or "per_rank" (each rank its own tensors; global order = rank
+            order, then list order). DTensors follow their placements and return this rank's shard of the mask
+            (`mask.shard` says where it lies; `salun_ext.distributed.gather_mask` consolidates).
+        timeout_s: with a process group, how long to wait for the other ranks before raising DistributedError.
 
     Returns:
         A SaliencyMask (mask = 1: salient), or a list of them when `ratios` is a sequence.
     """
+    if not isinstance(grads, (Mapping, list, tuple, torch.Tensor)):
+        grads = list(grads)  # e.g. model.named_parameters(): materialise once
+    if process_group is not None or _has_dtensor(grads):
+        from salun_ext.distributed.select import distributed_saliency_masks
+
+        if method == "window":
+            raise ValueError("method='window' works in one process only; distributed selects use the histogram path")
+        if process_group is None:
+            process_group = _default_group()
+        return distributed_saliency_masks(
+            grads, ratios, exact_k=exact_k, nan=nan, process_group=process_group, layout=layout, timeout_s=timeout_s
+        )
     names, tensors = _named_tensors(grads)
     single = not isinstance(ratios, Sequence)
     ratio_list = [ratios] if single else list(ratios)
@@ -337,6 +381,26 @@ def saliency_masks(
             )
         )
     return masks[0] if single else masks
+
+
+def _has_dtensor(grads: GradsLike) -> bool:
+    from salun_ext.distributed.shards import is_dtensor
+
+    if isinstance(grads, Mapping):
+        values = list(grads.values())
+    elif isinstance(grads, (list, tuple)):
+        values = [v[1] if isinstance(v, tuple) and len(v) == 2 else v for v in grads]
+    else:
+        return False
+    return any(is_dtensor(v.grad if isinstance(v, torch.nn.Parameter) else v) for v in values)
+
+
+def _default_group():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("DTensor gradients need an initialised torch.distributed process group")
+    return dist.group.WORLD
 
 
 def _total_words(tensors: list[torch.Tensor]) -> int:
@@ -399,6 +463,8 @@ def compute_saliency(
     train_mode: bool = False,
     progress: bool = True,
     reducer: HistogramReducer | None = None,
+    process_group: Any = None,
+    timeout_s: float | None = 300.0,
 ) -> SaliencyMask | list[SaliencyMask]:
     """Accumulate forget-loss gradients over `batches` and return the saliency mask(s).
 
@@ -409,6 +475,11 @@ def compute_saliency(
         params: which parameters are ranked (see `select_parameters`); the paper ranks all of them.
         clip_grad_norm: clip each batch's gradient to this norm before summing (the DDPM recipe uses 1.0).
         train_mode: run the model in train mode (the paper computes masks in eval mode).
+        process_group: compute one global mask over a torch.distributed group, each rank iterating its own share
+            of the batches. A DistributedDataParallel model (its gradients are already averaged) and FSDP2
+            models (DTensor shards) are used as they are; for a plain module the summed gradients are
+            all-reduced once before ranking. Names are the unwrapped module's. With DDP/FSDP a "batch" for
+            sum_of_abs and clip_grad_norm is the global batch (all ranks' batches together).
     The parameters' `.grad` are cleared on return.
     """
     from tqdm.auto import tqdm
@@ -417,7 +488,8 @@ def compute_saliency(
         raise ValueError(f"reduction must be 'abs_of_sum' or 'sum_of_abs', got {reduction!r}")
     if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
         raise ValueError(f"clip_grad_norm must be a positive finite float, got {clip_grad_norm}")
-    named = select_parameters(model, params)
+    module = model.module if _is_ddp(model) else model
+    named = select_parameters(module, params)
     # Gradients accumulate in .grad directly unless each batch must be transformed first (no extra memory).
     own_buffers = reduction == "sum_of_abs" or clip_grad_norm is not None
     accum = {n: torch.zeros_like(p) for n, p in named} if own_buffers else None
@@ -428,7 +500,10 @@ def compute_saliency(
     count = 0
     try:
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-        for batch in tqdm(batches, total=total, desc="saliency", disable=not progress, leave=False):
+        from salun_ext.utils import is_main_process
+
+        bar = tqdm(batches, total=total, desc="saliency", disable=not (progress and is_main_process()), leave=False)
+        for batch in bar:
             loss = loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss_fn must return a scalar tensor")
@@ -444,13 +519,27 @@ def compute_saliency(
                         p.grad = None
     finally:
         model.train(was_training)
+    if process_group is not None:
+        from salun_ext.distributed.runtime import Collectives
+
+        comm = Collectives(process_group, timeout_s=timeout_s, what="compute_saliency")
+        count = int(comm.all_reduce(torch.tensor([count], dtype=torch.int64)).item())
     if count == 0:
-        raise ValueError("compute_saliency: 'batches' yielded no batch")
-    if own_buffers:
-        magnitudes = {n: (g.abs_() if reduction == "abs_of_sum" else g) for n, g in accum.items()}
-    else:
-        # a parameter the loss never reached has a zero gradient; it still takes part in the ranking
-        magnitudes = {n: (p.grad.abs_() if p.grad is not None else torch.zeros_like(p)) for n, p in named}
+        raise ValueError("compute_saliency: 'batches' yielded no batch" + (" on any rank" if process_group else ""))
+    # a parameter the loss never reached has a zero gradient; it still takes part in the ranking
+    sums = accum if own_buffers else {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named}
+    if process_group is not None and not _is_ddp(model) and not _has_dtensor(sums):
+        for g in sums.values():  # each rank summed its own batches: one all-reduce makes the global sum
+            g.copy_(comm.all_reduce(g.float() if g.dtype == torch.bfloat16 else g).to(g.device, g.dtype))
+    magnitudes = {n: (g.abs_() if reduction == "abs_of_sum" else g) for n, g in sums.items()}
     for _, p in named:
         p.grad = None
-    return saliency_masks(magnitudes, ratios, exact_k=exact_k, nan=nan, reducer=reducer)
+    return saliency_masks(
+        magnitudes, ratios, exact_k=exact_k, nan=nan, reducer=reducer, process_group=process_group, timeout_s=timeout_s
+    )
+
+
+def _is_ddp(model: torch.nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)

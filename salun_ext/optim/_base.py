@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from salun_ext import _mask_layout
+from salun_ext.distributed.shards import to_local
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
 
 Mode = Literal["strict", "compat"]
@@ -61,15 +62,17 @@ class MaskedOptimizerMixin:
 
     # The step kernels walk tensors in memory order and masks are in logical (row-major) order. A parameter stored
     # in another dense layout (channels_last conv weights) is handed to the kernels as the permuted view that is
-    # contiguous, with its mask bits repacked once in that order.
+    # contiguous, with its mask bits repacked once in that order. FSDP2 parameters (DTensors) are stepped through
+    # their local shards: the kernels see plain tensors, and the mask words are those of the local rows.
     def _perm(self, p: torch.Tensor) -> tuple[int, ...] | None:
         if id(p) not in self._perms:
-            self._perms[id(p)] = memory_order(p)
+            self._perms[id(p)] = memory_order(to_local(p))
         return self._perms[id(p)]
 
     def _kernel_view(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t (p itself, its grad or a state tensor) as the contiguous view the kernels update in place."""
         perm = self._perm(p)
+        t = to_local(t)
         view = t if perm is None else t.permute(perm)
         if not view.is_contiguous():
             raise RuntimeError("internal: tensor not laid out like its parameter (use _relayout first)")
@@ -77,7 +80,7 @@ class MaskedOptimizerMixin:
 
     def _relayout(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """A tensor laid out exactly like p (the same strides), copying t only when it is not."""
-        if t.stride() == p.stride():
+        if to_local(t).stride() == to_local(p).stride():
             return t
         return torch.empty_like(p).copy_(t)
 
@@ -109,7 +112,7 @@ class MaskedOptimizerMixin:
                 elif words.numel():
                     if id(p) not in self._dense_cache:
                         self._dense_cache[id(p)] = dense_mask(p, words)
-                    p.grad.mul_(self._dense_cache[id(p)])
+                    to_local(p.grad).mul_(self._dense_cache[id(p)])
 
     @staticmethod
     def _amp_args(optimizer) -> tuple[torch.Tensor | None, torch.Tensor | None]:

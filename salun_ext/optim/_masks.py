@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from salun_ext import _mask_layout
+from salun_ext.distributed.shards import is_dtensor, param_mask_words, tensor_box, to_local
 from salun_ext.mask import SaliencyMask
 
 Unmasked = Literal["train", "freeze"]
@@ -57,6 +58,9 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
         for p, name in entries:
             if name not in mask:
                 continue
+            if mask.shard is not None or is_dtensor(p):  # sharded parameters / masks: the local box's words
+                by_param[id(p)] = param_mask_words(mask, name, p)
+                continue
             shape = mask.shapes[mask.names.index(name)]
             if shape != p.shape:
                 raise ValueError(f"mask for {name!r} has shape {tuple(shape)} but the parameter has {tuple(p.shape)}")
@@ -77,7 +81,9 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
                 raise ValueError(f"mask for {label} has shape {tuple(m.shape)} but the parameter has {tuple(p.shape)}")
             if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
                 raise ValueError(f"mask for {label} holds values other than 0 and 1")
-            by_param[id(p)] = _mask_layout.pack_bits(m.detach().to(p.device).reshape(-1) != 0)
+            if is_dtensor(p):  # a global dense mask of a sharded parameter: this rank's box of it
+                m = to_local(m) if is_dtensor(m) else m[tensor_box(p, label, replicated_over=None).slices()]
+            by_param[id(p)] = _mask_layout.pack_bits(m.detach().to(to_local(p).device).reshape(-1) != 0)
 
     uncovered = [name or f"params[{i}]" for i, (p, name) in enumerate(entries) if id(p) not in by_param]
     if uncovered and unmasked is None:
@@ -92,8 +98,9 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
 
 
 def dense_mask(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """Bool mask of p's shape from its mask words."""
-    return _mask_layout.unpack_bits(words, math.prod(p.shape)).view(p.shape)
+    """Bool mask of p's (local) shape from its mask words."""
+    shape = to_local(p).shape
+    return _mask_layout.unpack_bits(words, math.prod(shape)).view(shape)
 
 
 def check_grad(p: torch.Tensor, name: str) -> None:

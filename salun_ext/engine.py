@@ -12,6 +12,7 @@ and the wall-clock time (RTE).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -66,6 +67,13 @@ class EngineConfig:
     resume: bool = False
     progress: bool = True
     desc: str = "train"
+    # Multi-process training (start with torchrun; see salun_ext.distributed.init_distributed):
+    #   "ddp": the engine wraps the model in DistributedDataParallel; "fsdp": the caller already sharded it with
+    #   torch.distributed.fsdp.fully_shard (checkpoints are then written per rank). "none": one process.
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    # with distributed != "none": rank r trains on batches r, r + W, r + 2W, ... of task.batches(epoch) (every rank
+    # the same count). False when the task's batches(epoch) already yields this rank's share.
+    shard_batches: bool = True
 
 
 class Task(Protocol):
@@ -168,6 +176,7 @@ class Engine:
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {config.amp!r}")
         if config.grad_clip is not None and not config.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
+        self.rank, self.world_size = _check_distributed(config)
         self.config = config
         self.device = resolve_device(config.device)
         if config.seed is not None:
@@ -181,7 +190,23 @@ class Engine:
         self.mask = mask
         self.optimizer = build_optimizer(named, config.optimizer, mask)
         self._trained = [p for _, p in named]
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.forward_model = self.model
+        if config.distributed == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        elif config.distributed == "fsdp":
+            from salun_ext.distributed import is_dtensor
+
+            if not any(is_dtensor(p) for p in self._trained):
+                raise ValueError(
+                    "distributed='fsdp' expects a model sharded with torch.distributed.fsdp.fully_shard (its "
+                    "parameters are DTensors); for a replicated model use distributed='ddp'"
+                )
+            if config.amp == "fp16":
+                raise ValueError("amp='fp16' (GradScaler) is not supported with distributed='fsdp'; use amp='bf16'")
+        self.forward_model = torch.compile(self.forward_model) if config.compile else self.forward_model
         if config.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -203,7 +228,7 @@ class Engine:
         self.model.train()
         while self.epoch < epochs and not self._done():
             losses = self._run_epoch(task)
-            self.history.append({"epoch": self.epoch, "step": self.step, "loss": _mean(losses)})
+            self.history.append({"epoch": self.epoch, "step": self.step, "loss": self._global_mean(losses)})
             self.epoch += 1
             self.batch_index = 0
             if cfg.schedule_unit == "epoch":
@@ -223,8 +248,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        batches: Iterator = iter(task.batches(self.epoch))
-        total = getattr(task, "num_batches", lambda e: None)(self.epoch)
+        batches, total = self._epoch_batches(task)
         bar = tqdm(
             batches,
             total=total,
@@ -249,8 +273,51 @@ class Engine:
                 self.save_checkpoint(task)
         return losses
 
+    def _epoch_batches(self, task: Task) -> tuple[Iterator, int | None]:
+        """This rank's batches of the current epoch, and how many there are (None when unknown)."""
+        batches = task.batches(self.epoch)
+        total = getattr(task, "num_batches", lambda e: None)(self.epoch)
+        if total is None and hasattr(batches, "__len__"):
+            total = len(batches)
+        if self.world_size == 1 or not self.config.shard_batches:
+            return iter(batches), total
+        if total is None:
+            raise ValueError(
+                f"{type(task).__name__}: with {self.world_size} processes the engine needs the number of batches "
+                "of an epoch so that every rank takes the same number of steps: give the task num_batches(epoch) "
+                "or return a sized iterable; or shard the batches in the task and set shard_batches=False"
+            )
+        per_rank = total // self.world_size
+        if per_rank == 0:
+            raise ValueError(f"an epoch has {total} batch(es), fewer than the {self.world_size} processes")
+        return itertools.islice(batches, self.rank, per_rank * self.world_size, self.world_size), per_rank
+
+    def _global_mean(self, losses: list[float]) -> float:
+        """Mean loss of the epoch over every rank's batches."""
+        if self.world_size == 1:
+            return _mean(losses)
+        import torch.distributed as dist
+
+        acc = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            acc = acc.to(self.device)
+        dist.all_reduce(acc)
+        return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
+
     def train_step(self, task: Task, batch: Any) -> float:
         """One optimizer step on one batch; returns the loss value."""
+        if self.world_size == 1:
+            return self._train_step(task, batch)
+        from salun_ext.distributed.runtime import collective_failure, is_collective_failure
+
+        try:
+            return self._train_step(task, batch)
+        except Exception as exc:
+            if is_collective_failure(exc):  # a peer died or hung: say so instead of a bare socket error
+                raise collective_failure(f"training step {self.step}", exc, self.rank, self.world_size) from exc
+            raise
+
+    def _train_step(self, task: Task, batch: Any) -> float:
         cfg = self.config
         batch = to_device(batch, self.device, cfg.channels_last)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -279,15 +346,32 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- checkpoints
     @property
     def checkpoint_path(self) -> Path | None:
-        return Path(self.config.checkpoint_dir) / "last.pt" if self.config.checkpoint_dir else None
+        """last.pt; with distributed='fsdp' each rank's shard, last.rank{r}-of-{W}.pt."""
+        if not self.config.checkpoint_dir:
+            return None
+        if self.config.distributed == "fsdp":
+            return Path(self.config.checkpoint_dir) / f"last.rank{self.rank}-of-{self.world_size}.pt"
+        return Path(self.config.checkpoint_dir) / "last.pt"
 
     def save_checkpoint(self, task: Task | None = None) -> None:
-        if self.checkpoint_path is None or not is_main_process():
+        sharded = self.config.distributed == "fsdp"
+        if self.checkpoint_path is None:
             return
+        if sharded or is_main_process():
+            self._write_checkpoint(task, sharded)
+        if self.world_size > 1:  # every rank sees a complete checkpoint once this returns
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _write_checkpoint(self, task: Task | None, sharded: bool) -> None:
+        from salun_ext.distributed.checkpoint import local_optimizer_state, local_state_dict
+
         state = {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "world_size": self.world_size,
+            "model": local_state_dict(self.model) if sharded else self.model.state_dict(),
+            "optimizer": local_optimizer_state(self.optimizer) if sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -304,19 +388,34 @@ class Engine:
         atomic_save(state, self.checkpoint_path)
 
     def _load_checkpoint(self, task: Task) -> None:
+        from salun_ext.distributed.checkpoint import check_world_size, load_local_state_dict, restore_dtensor_state
+
         path = self.checkpoint_path
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        check_world_size(path, self.world_size)
         if not path.exists():
             return  # nothing to resume: a fresh start
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a salun_ext engine checkpoint")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"{path}: the checkpoint was written by a run of {saved_world} process(es) but this run has "
+                f"{self.world_size}: resume with the same number of processes (the data order, and with FSDP the "
+                "parameter shards, depend on it)"
+            )
         try:
-            self.model.load_state_dict(state["model"])
+            if self.config.distributed == "fsdp":
+                load_local_state_dict(self.model, state["model"])
+            else:
+                self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise ValueError(f"{path}: checkpoint is for a different architecture: {exc}") from exc
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.distributed == "fsdp":
+            restore_dtensor_state(self.optimizer)
         if state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -328,6 +427,22 @@ class Engine:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if state["task"] is not None and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
+
+
+def _check_distributed(config: EngineConfig) -> tuple[int, int]:
+    """(rank, world size) for config.distributed, with a clear error when no process group exists."""
+    if config.distributed not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"distributed must be 'none', 'ddp' or 'fsdp', got {config.distributed!r}")
+    if config.distributed == "none":
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"distributed={config.distributed!r} needs an initialised process group: start with torchrun and call "
+            "salun_ext.distributed.init_distributed() first"
+        )
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _mean(values: list[float]) -> float:

@@ -269,7 +269,7 @@ def _named_tensors(grads: GradsLike) -> tuple[list[str], list[torch.Tensor]]:
             hint = " (call .float() first)" if value.is_floating_point() else ""
             raise TypeError(f"gradient {name!r} has dtype {value.dtype}; expected float32, bfloat16 or float16{hint}")
         names.append(name)
-        tensors.append(value.detach())
+        tensors.append(value.detach() if value.requires_grad else value)  # (DTensor.detach is not free)
     if not tensors:
         raise ValueError("saliency_masks: no gradients given (grads is empty)")
     if len(set(names)) != len(names):

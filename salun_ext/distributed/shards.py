@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import torch
 
@@ -18,11 +19,9 @@ from salun_ext.mask import MaskShard, SaliencyMask
 
 
 def is_dtensor(t: object) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    # no import here: torch.distributed.tensor takes seconds to import, and without it no DTensor can exist
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def to_local(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,196 @@
+"""`salun-ext lm unlearn|evaluate`: language-model unlearning with transformers causal LMs (runs under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from salun_ext.cli.distributed_args import add_distributed_args, distributed_session
+
+
+def register(sub) -> None:
+    lm = sub.add_parser("lm", help="language-model unlearning (transformers causal LMs)")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
+
+    un = lm_sub.add_parser("unlearn", help="SalUn-masked GA / NPO / IDK / random-label unlearning of a causal LM")
+    _data_args(un)
+    un.add_argument("--out", required=True, help="output folder: model/, mask.safetensors, metrics.json, checkpoints/")
+    un.add_argument("--method", choices=["ga", "npo", "idk", "random_label"], default="npo")
+    mask = un.add_mutually_exclusive_group()
+    mask.add_argument("--mask-ratio", type=float, default=0.5, help="SalUn: fraction of weights that train (0.5)")
+    mask.add_argument("--no-mask", action="store_true", help="the plain method: every weight trains")
+    mask.add_argument("--mask", metavar="FILE", help="use a saved mask (.safetensors) instead of computing one")
+    un.add_argument("--beta", type=float, default=0.1, help="NPO temperature (0.1)")
+    un.add_argument("--forget-weight", type=float, default=1.0, help="gamma: weight of the forget loss (1)")
+    un.add_argument("--retain-weight", type=float, default=1.0, help="alpha: weight of the retain NLL (1; 0 = none)")
+    un.add_argument("--lr", type=float, default=1e-5)
+    un.add_argument("--weight-decay", type=float, default=0.01)
+    un.add_argument("--epochs", type=int, default=5)
+    un.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    un.add_argument("--warmup-steps", type=int, default=0)
+    un.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    un.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (saves memory)")
+    un.add_argument("--saliency-batches", type=int, default=None, help="forget batches for the mask (default all)")
+    un.add_argument("--seed", type=int, default=0)
+    un.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (same world size)")
+    un.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    un.add_argument("--eval", choices=["after", "both", "none"], default="after", help="evaluate after/before+after")
+    un.set_defaults(handler=run_unlearn)
+
+    ev = lm_sub.add_parser("evaluate", help="forget/retain loss and perplexity, verbatim completion on forget")
+    _data_args(ev)
+    ev.add_argument("--out", default=None, help="write the metrics to this JSON file")
+    ev.set_defaults(handler=run_evaluate)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local model folder (save_pretrained layout) or hub id")
+    p.add_argument("--forget", required=True, help="forget set: .jsonl / .json records or a text file (a line each)")
+    p.add_argument("--retain", default=None, help="retain set (same formats)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated)")
+    p.add_argument(
+        "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="weights (auto: bf16 on GPU)"
+    )
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast (for fp32 weights)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="verbatim check: context tokens of plain texts")
+    p.add_argument("--completion-tokens", type=int, default=32, help="verbatim check: tokens to complete")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    add_distributed_args(p)
+
+
+def _load(args, ctx, *, gradient_checkpointing: bool = False):
+    from salun_ext.lm import load_causal_lm, load_texts
+
+    forget = load_texts(args.forget)
+    retain = load_texts(args.retain) if args.retain else None
+    model, tokenizer = load_causal_lm(
+        args.model,
+        dtype=args.dtype,
+        device=ctx.device,
+        gradient_checkpointing=gradient_checkpointing,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return model, tokenizer, forget, retain
+
+
+def _evaluate(model, tokenizer, forget, retain, args) -> dict:
+    from salun_ext.lm import encode, evaluate_lm
+
+    return evaluate_lm(
+        model,
+        tokenizer,
+        encode(forget, tokenizer, args.max_length),
+        encode(retain, tokenizer, args.max_length) if retain else None,
+        batch_size=args.eval_batch_size,
+        amp=args.amp,
+        prompt_tokens=args.prompt_tokens,
+        completion_tokens=args.completion_tokens,
+    )
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    from salun_ext.distributed import main_print
+
+    main_print(title)
+    for split in ("forget", "retain"):
+        if split in metrics:
+            m = metrics[split]
+            main_print(f"  {split:<7} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  ({m['tokens']} tokens)")
+    v = metrics["forget_verbatim"]
+    main_print(
+        f"  verbatim completion on forget: exact match {v['exact_match']:.3f}, token accuracy "
+        f"{v['token_accuracy']:.3f} ({v['examples']} examples)"
+    )
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from salun_ext.utils import atomic_save
+
+    def dump(o, p):
+        with open(p, "w") as f:
+            json.dump(o, f, indent=2)
+
+    atomic_save(obj, path, saver=dump)
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    from salun_ext.distributed import load_mask, main_print, save_mask
+    from salun_ext.lm import LMUnlearnConfig, save_causal_lm, unlearn_lm
+
+    with distributed_session(args) as ctx:
+        config = LMUnlearnConfig(
+            method=args.method,
+            mask_ratio=None if (args.no_mask or args.mask) else args.mask_ratio,
+            beta=args.beta,
+            forget_weight=args.forget_weight,
+            retain_weight=args.retain_weight,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            epochs=None if args.max_steps is not None and args.epochs is None else args.epochs,
+            max_steps=args.max_steps,
+            warmup_steps=args.warmup_steps,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            amp=args.amp,
+            grad_clip=args.grad_clip or None,
+            seed=args.seed,
+            saliency_batches=args.saliency_batches,
+        )
+        model, tokenizer, forget, retain = _load(args, ctx, gradient_checkpointing=args.gradient_checkpointing)
+        mask_path = os.path.join(args.out, "mask.safetensors")
+        mask = None
+        if args.mask:
+            mask = load_mask(args.mask, params=model.named_parameters())
+        elif args.resume and config.mask_ratio is not None and os.path.exists(mask_path):
+            mask = load_mask(mask_path)  # the mask of the interrupted run (computed on the same initial model)
+            if mask.ratio != config.mask_ratio:
+                raise ValueError(
+                    f"{mask_path}: saved for mask ratio {mask.ratio}, but --mask-ratio is {config.mask_ratio}"
+                )
+        metrics: dict = {"config": dataclasses.asdict(config), "model": args.model, "world_size": ctx.world_size}
+        if args.eval == "both":
+            metrics["before"] = _evaluate(model, tokenizer, forget, retain, args)
+            _print_metrics("before unlearning:", metrics["before"])
+        result = unlearn_lm(
+            model,
+            tokenizer,
+            forget,
+            retain,
+            config,
+            mask=mask,
+            distributed=ctx.engine_mode,
+            device=str(ctx.device),
+            checkpoint_dir=os.path.join(args.out, "checkpoints"),
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        if result.mask is not None:
+            if mask is None:
+                save_mask(result.mask, mask_path)
+            metrics["mask"] = {"ratio": result.mask.ratio, "k": result.mask.k, "seconds": result.mask_seconds}
+        metrics["train"] = {"seconds": result.fit.seconds, "steps": result.fit.steps, "history": result.fit.history}
+        if args.eval != "none":
+            metrics["after"] = _evaluate(model, tokenizer, forget, retain, args)
+            _print_metrics("after unlearning:", metrics["after"])
+        if ctx.is_main:
+            save_causal_lm(model, tokenizer, os.path.join(args.out, "model"))
+            _write_json(os.path.join(args.out, "metrics.json"), metrics)
+            main_print(f"unlearned model, mask and metrics written to {args.out}")
+        ctx.barrier()
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    with distributed_session(args) as ctx:
+        model, tokenizer, forget, retain = _load(args, ctx)
+        metrics = _evaluate(model, tokenizer, forget, retain, args)
+        _print_metrics(f"{args.model}:", metrics)
+        if args.out and ctx.is_main:
+            _write_json(args.out, metrics)
+    return 0

@@ -215,6 +215,7 @@ class Engine:
         self.batch_index = 0  # batches consumed in the current epoch (resume skips them)
         self.history: list[dict] = []
         self.scheduler = None
+        self._epoch_finished = True
 
     # ----------------------------------------------------------------------------------------------------- fit
     def fit(self, task: Task) -> FitResult:
@@ -229,6 +230,8 @@ class Engine:
         while self.epoch < epochs and not self._done():
             losses = self._run_epoch(task)
             self.history.append({"epoch": self.epoch, "step": self.step, "loss": self._global_mean(losses)})
+            if not self._epoch_finished:  # max_steps hit mid-epoch: keep the position, a resume continues from it
+                break
             self.epoch += 1
             self.batch_index = 0
             if cfg.schedule_unit == "epoch":
@@ -258,6 +261,7 @@ class Engine:
         )
         losses: list[float] = []
         skip, self.batch_index = self.batch_index, 0
+        self._epoch_finished = False
         for batch in bar:
             if self._done():
                 break
@@ -271,6 +275,8 @@ class Engine:
                 bar.set_postfix(loss=f"{loss:.4g}")
             if cfg.checkpoint_dir and cfg.epochs is None and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(task)
+        else:
+            self._epoch_finished = True
         return losses
 
     def _epoch_batches(self, task: Task) -> tuple[Iterator, int | None]:

@@ -94,7 +94,9 @@ def lm_saliency(
 
     # with gradient checkpointing on, rank in train mode: HF models only checkpoint while training (the
     # Llama family has no dropout, so the gradients are those of eval mode)
-    train_mode = bool(getattr(model, "is_gradient_checkpointing", False))
+    train_mode = bool(
+        getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False)
+    )
     return compute_saliency(
         model, loss_fn, mine, ratio, process_group=process_group, progress=progress, train_mode=train_mode
     )

@@ -520,9 +520,21 @@ def compute_saliency(
     finally:
         model.train(was_training)
     if process_group is not None:
+        from salun_ext.distributed.agreement import agree
         from salun_ext.distributed.runtime import Collectives
 
         comm = Collectives(process_group, timeout_s=timeout_s, what="compute_saliency")
+        # same parameters and options everywhere before any gradient is all-reduced
+        structure = repr([(n, tuple(p.shape), str(p.dtype)) for n, p in named])
+        options = repr((ratios, reduction, clip_grad_norm, exact_k, nan))
+        agree(
+            comm,
+            error=None,
+            fields={
+                "parameter list": (structure, f"{len(named)} tensors, {sum(p.numel() for _, p in named):,} elements"),
+                "ratios and options": (options, options),
+            },
+        )
         count = int(comm.all_reduce(torch.tensor([count], dtype=torch.int64)).item())
     if count == 0:
         raise ValueError("compute_saliency: 'batches' yielded no batch" + (" on any rank" if process_group else ""))

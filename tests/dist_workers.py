@@ -228,6 +228,14 @@ def check_disagreement(rank, world, ctx):
     nan["p2"].view(-1)[-1] = float("nan")  # in the last rank's share of the replicated tensor
     expect(ValueError, ["NaN"], grads=nan, process_group=group)
     expect(DistributedError, ["layout"], layout="per_rank" if rank == 0 else "replicated", process_group=group)
+    # compute_saliency compares the parameter lists before it all-reduces any gradient
+    model = torch.nn.Linear(3, 2 if rank == 0 else 4)
+    try:
+        salun_ext.compute_saliency(model, lambda m, x: m(x).sum(), [torch.ones(1, 3)], 0.5, process_group=group)
+    except DistributedError as exc:
+        assert "parameter list" in str(exc), exc
+    else:
+        raise AssertionError("compute_saliency accepted different models on the ranks")
 
 
 def check_compute_saliency(rank, world, ctx):
@@ -331,6 +339,15 @@ def check_fsdp_masked_steps(rank, world, ctx):
                 model(x).pow(2).sum().backward()
                 opt2.step()
                 opt2.zero_grad()
+            if which == "sharded mask" and cls is MaskedSGD:
+                from salun_ext.optim import masked
+
+                try:
+                    masked(torch.optim.SGD(model.named_parameters(), lr=0.1), mask)
+                except NotImplementedError as exc:
+                    assert "FSDP2" in str(exc)
+                else:
+                    raise AssertionError("masked() accepted DTensor parameters")
             for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
                 full = b.full_tensor()
                 assert torch.equal(a.detach(), full), f"{cls.__name__} {kwargs} {which} {name}"

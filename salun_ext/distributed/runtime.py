@@ -59,6 +59,10 @@ class DistContext:
         """EngineConfig.distributed for a plain (non-sharded) model: 'ddp' under torchrun, else 'none'."""
         return "ddp" if self.is_distributed else "none"
 
+    def share(self, items):
+        """This rank's share of a sequence: items rank, rank + W, rank + 2W, ... (everything in one process)."""
+        return items[self.rank :: self.world_size]
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier(group=self.group)

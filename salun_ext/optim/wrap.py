@@ -19,6 +19,13 @@ def masked(optimizer: torch.optim.Optimizer, mask: MaskSpec, *, unmasked: Unmask
         raise TypeError(f"masked() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if getattr(optimizer, "_salun_mask_hooks", None):
         raise ValueError("this optimizer is already masked")
+    from salun_ext.distributed.shards import is_dtensor
+
+    if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+        raise NotImplementedError(
+            "masked() does not support FSDP2 (DTensor) parameters; use MaskedSGD / MaskedAdam / MaskedAdamW, which "
+            "step the local shards"
+        )
     specs = resolve_param_masks(optimizer.param_groups, mask, unmasked)
     dense = {}
     for group in optimizer.param_groups:

@@ -302,13 +302,10 @@ class Engine:
         """Mean loss of the epoch over every rank's batches."""
         if self.world_size == 1:
             return _mean(losses)
-        import torch.distributed as dist
+        from salun_ext.distributed.runtime import sum_over_ranks
 
-        acc = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            acc = acc.to(self.device)
-        dist.all_reduce(acc)
-        return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
+        total, count = sum_over_ranks([sum(losses), len(losses)], self.device)
+        return total / count if count > 0 else float("nan")
 
     def train_step(self, task: Task, batch: Any) -> float:
         """One optimizer step on one batch; returns the loss value."""

@@ -159,6 +159,17 @@ def main_print(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of small float lists over the default group (as is without one): metrics, loss means."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
 def current_world() -> tuple[int, int]:
     """(rank, world_size) of the default group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():

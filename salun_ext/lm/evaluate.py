@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from salun_ext.distributed.runtime import current_world, sum_over_ranks
 from salun_ext.lm.data import Encoded, collate
 from salun_ext.lm.losses import target_logprobs
 
@@ -24,18 +25,6 @@ def _autocast(device: torch.device, amp: str):
 
 def _my_share(items: Sequence, rank: int, world: int) -> list:
     return [x for i, x in enumerate(items) if i % world == rank]
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu().tolist()
 
 
 @torch.no_grad()
@@ -63,8 +52,6 @@ def text_loss(
     model: torch.nn.Module, examples: Sequence[Encoded], *, batch_size: int, pad_id: int, amp: str = "none"
 ) -> dict[str, float]:
     """Token-level mean NLL and perplexity over all target tokens of `examples` (all ranks together)."""
-    from salun_ext.distributed.runtime import current_world
-
     rank, world = current_world()
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0.0
@@ -74,7 +61,7 @@ def text_loss(
             logps, counts = target_logprobs(model, batch)
         total_nll -= float(logps.float().sum())
         total_tokens += float(counts.sum())
-    total_nll, total_tokens = _all_reduce([total_nll, total_tokens], device)
+    total_nll, total_tokens = sum_over_ranks([total_nll, total_tokens], device)
     loss = total_nll / max(total_tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total_tokens)}
 
@@ -92,8 +79,6 @@ def verbatim_completion(
     samples: int = 3,
 ) -> dict:
     """Greedy continuation of each forget context vs the true continuation (exact match, token accuracy)."""
-    from salun_ext.distributed.runtime import current_world
-
     rank, world = current_world()
     device = next(model.parameters()).device
     cases = []
@@ -139,7 +124,7 @@ def verbatim_completion(
                     )
     finally:
         model.train(was_training)
-    exact, matched, total, count = _all_reduce([exact, matched, total, float(len(mine))], device)
+    exact, matched, total, count = sum_over_ranks([exact, matched, total, float(len(mine))], device)
     return {
         "examples": int(count),
         "exact_match": exact / count if count else float("nan"),

@@ -23,6 +23,7 @@ from salun_ext.lm import (  # noqa: E402
     load_texts,
     npo_loss,
     unlearn_lm,
+    verbatim_completion,
 )
 from salun_ext.lm.data import IGNORE_INDEX, relabel  # noqa: E402
 
@@ -59,8 +60,11 @@ def memorized(lm_dir, tmp_path_factory):
     forget = [TextExample(r["answer"], r["question"]) for r in FORGET]
     retain = [TextExample(t) for t in RETAIN]
     examples = encode(forget, tokenizer, 64)
-    config = EngineConfig(epochs=80, optimizer=OptimConfig("adamw", lr=2e-2, weight_decay=0.0), progress=False, seed=0)
-    Engine(model, config).fit(_Memorize(examples, tokenizer.pad_token_id))
+    config = EngineConfig(epochs=40, optimizer=OptimConfig("adamw", lr=2e-2, weight_decay=0.0), progress=False, seed=0)
+    for _ in range(8):  # rounds of 40 epochs until the answers come back verbatim (robust to kernel numerics)
+        Engine(model, config).fit(_Memorize(examples, tokenizer.pad_token_id))
+        if verbatim_completion(model, tokenizer, examples)["token_accuracy"] > 0.95:
+            break
     folder = tmp_path_factory.mktemp("memorized")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -44,7 +44,7 @@ class _AllReduce:
         return self.comm.all_reduce(hist)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: entries hold tensors
 class _Entry:
     """One tensor of this process's list: its data, its box, its global index, the part it counts."""
 

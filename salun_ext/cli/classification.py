@@ -396,6 +396,7 @@ def run_train(args: argparse.Namespace) -> int:
     }
     save_classifier(out, model, spec, extra={"dataset": record["dataset"]})
     write_json(record, out.with_suffix(".json"))
+    shutil.rmtree(out.parent / "ckpt", ignore_errors=True)
     print(
         f"trained {spec.describe()} in {info['seconds']:.1f} s: train {record['train_accuracy']:.2f}%, test "
         f"{record['test_accuracy']:.2f}% -> {out}"

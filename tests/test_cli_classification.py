@@ -29,7 +29,7 @@ def test_value_and_assignment_parsing():
         "ga": {"epochs": 3},
     }
     assert parse_sweeps(["ga.lr=1e-5,1e-4"]) == {"ga": {"lr": [1e-5, 1e-4]}}
-    with pytest.raises(ValueError, match="METHOD.PARAM=VALUE"):
+    with pytest.raises(ValueError, match=r"METHOD\.PARAM=VALUE"):
         parse_assignments(["lr=0.1"], qualified=True)
 
 

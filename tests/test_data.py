@@ -85,7 +85,7 @@ def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)]:
         with open(folder / name, "wb") as f:
             pickle.dump({"data": Evil(), "labels": [0]}, f)
-    with pytest.raises(ValueError, match="refusing to load builtins.print"):
+    with pytest.raises(ValueError, match=r"refusing to load builtins\.print"):
         load_dataset("cifar10", tmp_path)
 
 
@@ -106,7 +106,7 @@ def test_svhn_reads_mat_files_and_maps_label_10_to_0(tmp_path):
     assert ds.images.shape == (5, 3, 32, 32)
     assert ds.labels.tolist() == [0, 1, 2, 0, 9]
     assert ds.images[3, 2, 4, 7].item() == x[4, 7, 2, 3]  # X is H x W x C x N
-    with pytest.raises(FileNotFoundError, match="test_32x32.mat"):
+    with pytest.raises(FileNotFoundError, match=r"test_32x32\.mat"):
         load_dataset("svhn", tmp_path, train=False)
 
 
@@ -157,7 +157,7 @@ def test_digits_is_embedded_and_split_fixed():
 
 
 def test_unknown_dataset_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist3d'.*cifar10"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist3d'.*cifar10"):
         load_dataset("mnist3d")
     assert dataset_key("CIFAR-100") == "cifar100"
 
@@ -231,10 +231,10 @@ def test_batches_are_seeded_per_epoch_and_cover_the_data():
     batches = Batches(images, labels, batch_size=4, shuffle=True, seed=7)
     assert len(batches) == 3
     epoch0 = [y.tolist() for _, y in batches.epoch(0)]
-    assert sorted(sum(epoch0, [])) == list(range(10)) and [len(b) for b in epoch0] == [4, 4, 2]
+    assert sorted(i for b in epoch0 for i in b) == list(range(10)) and [len(b) for b in epoch0] == [4, 4, 2]
     assert epoch0 == [y.tolist() for _, y in batches.epoch(0)]
     assert epoch0 != [y.tolist() for _, y in batches.epoch(1)]
-    x, y = next(iter(Batches(images, labels, batch_size=10, shuffle=False).epoch(0)))
+    x, _ = next(iter(Batches(images, labels, batch_size=10, shuffle=False).epoch(0)))
     assert torch.allclose(x.flatten(), labels.float() / 255) and x.dtype == torch.float32
 
 

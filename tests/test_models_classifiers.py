@@ -55,7 +55,7 @@ def test_checkpoint_round_trip_and_wrong_architecture(tmp_path):
     assert loaded_spec == spec and extra == {"dataset": "digits"}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert read_spec(path)[0].describe() == "small_cnn (1 channel(s), 10 classes, 8px, width=8)"
-    with pytest.raises(ValueError, match="the checkpoint is a small_cnn .* not a resnet18"):
+    with pytest.raises(ValueError, match=r"the checkpoint is a small_cnn .* not a resnet18"):
         load_classifier(path, expect_arch="resnet18")
     other = build_model("small_cnn", 1, 10, 8)  # width 32: same names, other shapes
     with pytest.raises(ValueError, match="does not fit this Sequential: shape mismatch"):

@@ -256,8 +256,14 @@ class Experiment:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def method_config(self, method: str, scenario: Scenario | None = None, extra: dict[str, Any] | None = None) -> dict:
-        """Hyperparameter overrides of a method: preset < user overrides < tuned values < `extra`."""
-        merged = dict(self.preset.get("methods", {}).get(method, {}))
+        """Hyperparameter overrides of a method: preset < user overrides < tuned values < `extra`.
+
+        A preset may hold per-scenario values under "<method>@<ratio>" (e.g. "ga@0.5").
+        """
+        preset = self.preset.get("methods", {})
+        merged = dict(preset.get(method, {}))
+        if scenario is not None and scenario.ratio is not None:
+            merged.update(preset.get(f"{method}@{scenario.ratio:g}", {}))
         merged.update(self.config.method_overrides.get(method, {}))
         if scenario is not None:
             merged.update(self._tuned.get((method, scenario), {}))

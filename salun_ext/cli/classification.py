@@ -404,12 +404,17 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_checkpoint(args: argparse.Namespace):
+def _model_and_split(args: argparse.Namespace):
+    """The --checkpoint model (on --device), its spec, and the forget split the options describe."""
     from salun_ext.models import load_classifier
+    from salun_ext.utils import resolve_device
 
     if not args.checkpoint:
         raise ValueError(f"`{args.command}` needs --checkpoint (a model written by `salun-ext train`)")
-    return load_classifier(args.checkpoint)
+    model, spec, _ = load_classifier(args.checkpoint)
+    split = _load_split(args, spec)
+    device = resolve_device(args.device)
+    return model.to(device), spec, split, device
 
 
 @_clean_errors
@@ -417,13 +422,9 @@ def run_mask(args: argparse.Namespace) -> int:
     from salun_ext.data import Batches
     from salun_ext.evaluation import write_json
     from salun_ext.unlearn import forget_saliency
-    from salun_ext.utils import resolve_device
 
     args = _setup(args)
-    model, spec, _ = _load_checkpoint(args)
-    split = _load_split(args, spec)
-    device = resolve_device(args.device)
-    model.to(device)
+    model, _, split, device = _model_and_split(args)
     forget = split.forget.to(device)
     batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=False)
     masks = forget_saliency(model, batches, [float(r) for r in args.ratios], progress=bool(args.progress))
@@ -450,8 +451,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
     args = _setup(args)
     if not args.method:
         raise ValueError("`unlearn` needs --method (e.g. salun)")
-    model, spec, _ = _load_checkpoint(args)
-    split = _load_split(args, spec)
+    model, spec, split, _ = _model_and_split(args)
     preset = _preset(args)
     name = method_key(args.method)
     params = {**preset.get("methods", {}).get(name, {}), **parse_assignments(args.set or [], qualified=False)}
@@ -498,14 +498,11 @@ def run_unlearn(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from salun_ext.evaluation import avg_gap, evaluate_unlearning, gaps, write_json
     from salun_ext.models import load_classifier
-    from salun_ext.utils import resolve_device
 
     args = _setup(args)
-    model, spec, _ = _load_checkpoint(args)
-    split = _load_split(args, spec)
-    device = resolve_device(args.device)
+    model, spec, split, device = _model_and_split(args)
     metrics = evaluate_unlearning(
-        model.to(device), split.forget, split.retain, split.test, mia_shadow_size=args.mia_shadow_size, seed=args.seed
+        model, split.forget, split.retain, split.test, mia_shadow_size=args.mia_shadow_size, seed=args.seed
     )
     record: dict[str, Any] = {"checkpoint": str(args.checkpoint), "split": split.describe(), "metrics": metrics}
     _print_metrics(metrics)

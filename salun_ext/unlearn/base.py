@@ -14,6 +14,7 @@ placement, seeding and the wall-clock timer that gives the RTE.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -256,6 +257,14 @@ def fit_task(
         desc=desc,
     )
     return Engine(model, engine_cfg, mask=mask).fit(task)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode without gradients: the fixed reference model of BS and SCRUB."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,6 @@ tuning seeds for other datasets (see the presets).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from salun_ext.models import last_linear, replace_module
-from salun_ext.unlearn.base import LoaderTask, RunOptions, TrainConfig, UnlearnData, UnlearnMethod
+from salun_ext.unlearn.base import LoaderTask, RunOptions, TrainConfig, UnlearnData, UnlearnMethod, frozen_copy
 
 STREAM_FORGET = 31
 
@@ -111,8 +110,7 @@ class BoundaryShrink(UnlearnMethod):
     Config = BoundaryShrinkConfig
 
     def unlearn(self, model, data: UnlearnData, options: RunOptions, mask) -> dict[str, Any]:
-        frozen = copy.deepcopy(model).eval()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        task = _NearestLabelTask(self.loader(data, "forget", options, STREAM_FORGET), frozen, self.config.bound)
+        task = _NearestLabelTask(
+            self.loader(data, "forget", options, STREAM_FORGET), frozen_copy(model), self.config.bound
+        )
         return {"history": self.fit(model, task, options, mask=mask).history}

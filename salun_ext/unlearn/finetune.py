@@ -69,13 +69,11 @@ def train_classifier(
 
 
 @dataclasses.dataclass
-class RetrainConfig(TrainConfig):
-    """Retrain from scratch on the retain set: the paper's 160 epochs, lr 0.1, x0.1 at half and three quarters."""
+class RetrainConfig(OriginalTrainConfig):
+    """Retrain: the original model's recipe on the retain set, for the paper's 160 epochs."""
 
     epochs: int = 160
-    lr: float = 0.1
-    schedule: str = "multistep"
-    milestones: tuple[float, ...] = (0.5, 0.75)
+    batch_size: int | None = None  # UnlearnData.batch_size
 
 
 class Retrain(UnlearnMethod):

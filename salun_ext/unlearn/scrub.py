@@ -9,7 +9,6 @@ SGD lr 5e-4, 3 epochs, 2 max epochs, T 4, gamma 0.99, alpha 0.001.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salun_ext.unlearn.base import RunOptions, TrainConfig, UnlearnData, UnlearnMethod
+from salun_ext.unlearn.base import RunOptions, TrainConfig, UnlearnData, UnlearnMethod, frozen_copy
 
 STREAM_FORGET, STREAM_RETAIN = 51, 52
 
@@ -73,9 +72,7 @@ class SCRUB(UnlearnMethod):
     in_paper = False
 
     def unlearn(self, model, data: UnlearnData, options: RunOptions, mask) -> dict[str, Any]:
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = frozen_copy(model)
         task = _ScrubTask(
             self.loader(data, "forget", options, STREAM_FORGET),
             self.loader(data, "retain", options, STREAM_RETAIN),

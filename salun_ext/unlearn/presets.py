@@ -20,6 +20,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "original": {"epochs": 20, "lr": 0.1},
         "methods": {
             "retrain": {"epochs": 20, "lr": 0.1},
+            "ft@0.5": {"lr": 0.1},
+            "rl": {"lr": 0.003},
+            "ga": {"lr": 0.03},
+            "iu@0.1": {"alpha": 50.0},
+            "iu@0.5": {"alpha": 10.0},
+            "bs@0.1": {"lr": 1e-3},
+            "bs@0.5": {"lr": 1e-4},
+            "l1_sparse": {"alpha": 0.02},
+            "salun": {"lr": 0.003},
+            "salun_soft@0.1": {"lr": 0.001},
         },
     },
     # 54k 28x28 images; the small CNN (width 16) keeps an epoch near 10 s on 2 CPU cores.

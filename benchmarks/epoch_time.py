@@ -119,15 +119,21 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(f"{result['machine']}, torch {result['torch']}, {result['model']}, data {result['data']}, "
-          f"batch {result['batch_size']}, amp {result['amp']}, channels_last {result['channels_last']}, "
-          f"compile {result['compile']}")
-    print(f"| epoch (s) | SalUn RTE, {result['salun_epochs']} epochs + mask (min) | "
-          f"Retrain, {result['retrain_epochs']} epochs (min) |")
+    print(
+        f"{result['machine']}, torch {result['torch']}, {result['model']}, data {result['data']}, "
+        f"batch {result['batch_size']}, amp {result['amp']}, channels_last {result['channels_last']}, "
+        f"compile {result['compile']}"
+    )
+    print(
+        f"| epoch (s) | SalUn RTE, {result['salun_epochs']} epochs + mask (min) | "
+        f"Retrain, {result['retrain_epochs']} epochs (min) |"
+    )
     print("|---:|---:|---:|")
     extrapolated = " (extrapolated)" if result["retrain_extrapolated"] else ""
-    print(f"| {result['epoch_seconds']:.2f} | {result['salun_rte_minutes']:.3f} | "
-          f"{result['retrain_minutes']:.2f}{extrapolated} |")
+    print(
+        f"| {result['epoch_seconds']:.2f} | {result['salun_rte_minutes']:.3f} | "
+        f"{result['retrain_minutes']:.2f}{extrapolated} |"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

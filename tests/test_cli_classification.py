@@ -199,3 +199,27 @@ def test_reproduce_sweep_tunes_on_separate_seeds(tmp_path, capsys):
     assert run["config"]["lr"] == best
     assert (out / "tune" / "random_10" / "seed7" / "retrain" / "result.json").exists()
     assert "Tuning (on seeds never used for evaluation)" in (out / "table.md").read_text()
+
+
+def test_reproduce_class_wise_scenario(tmp_path):
+    from salun_ext.experiment import ExperimentConfig, reproduce
+
+    config = ExperimentConfig(
+        methods=["ga"],
+        ratios=[],
+        forget_classes=[3],
+        original={"epochs": 3},
+        method_overrides={"retrain": {"epochs": 3}},
+        out_dir=str(tmp_path / "cw"),
+        device="cpu",
+        progress=False,
+        verbose=False,
+    )
+    summary = reproduce(config)
+    (scenario,) = summary["scenarios"]
+    assert scenario["scenario"] == "class 3" and scenario["classes"] == [3] and scenario["ratio"] is None
+    retrain = scenario["methods"]["retrain"]["mean"]
+    assert retrain["UA"] > 90  # a model that never saw class 3 does not predict it
+    run = json.loads((tmp_path / "cw" / "runs" / "class_3" / "seed1" / "ga" / "result.json").read_text())
+    assert run["split"]["classes"] == [3] and run["split"]["test"] < 359  # class 3 left the test set
+    assert not (tmp_path / "cw" / "gaps.png").exists()  # no ratio axis to plot

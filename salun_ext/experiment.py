@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -27,8 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salun_ext.data import UnlearningSplit, dataset_key, default_augment, load_dataset
-from salun_ext.data.loader import Augment
+from salun_ext.data import UnlearningSplit, dataset_key, load_dataset, resolve_augment
 from salun_ext.data.splits import make_unlearning_split
 from salun_ext.evaluation import evaluate_unlearning, extra_mia_table, markdown_table, plot_gaps, summarize, write_json
 from salun_ext.evaluation.metrics import accuracy
@@ -101,8 +101,6 @@ def _slug(text: str) -> str:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    import os
-
     return f"{platform.machine()} CPU, {os.cpu_count()} core(s), {torch.get_num_threads()} torch thread(s)"
 
 
@@ -130,7 +128,7 @@ class Experiment:
         )
         self.methods = [method_key(m) for m in config.methods]
         self.batch_size = config.batch_size or preset.get("batch_size", 256)
-        self.augment = self._augment(config.augment)
+        self.augment = resolve_augment(config.augment, self.dataset)
         self.original_config = OriginalTrainConfig(
             **{"batch_size": self.batch_size, **preset.get("original", {}), **config.original}
         )
@@ -148,15 +146,6 @@ class Experiment:
         self.records: list[dict[str, Any]] = []
         self.tuning: list[dict[str, Any]] = []
         self._tuned: dict[tuple[str, Scenario], dict[str, Any]] = {}
-
-    def _augment(self, name: str) -> Augment | None:
-        if name == "auto":
-            return default_augment(self.dataset)
-        if name == "none":
-            return None
-        if name == "crop_flip":
-            return Augment(pad=4, flip=True)
-        raise ValueError(f"augment must be 'auto', 'none' or 'crop_flip', got {name!r}")
 
     def log(self, text: str) -> None:
         if self.config.verbose:

@@ -9,6 +9,7 @@ import torch
 
 from salun_ext.cli import main, parse_args
 from salun_ext.cli.classification import parse_assignments, parse_sweeps, parse_value, resolve
+from salun_ext.unlearn.presets import PRESETS
 
 FAST = ["--no-progress", "--device", "cpu"]
 
@@ -168,7 +169,8 @@ def test_reproduce_writes_table_plot_json_and_resumes(tmp_path, capsys):
     assert "| Methods |" in table and "Original model:" in table and "MIA (m-entropy)" in table
     assert (out / "gaps.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "runs" / "random_10" / "seed1" / "salun" / "result.json").read_text())
-    assert run["config"]["epochs"] == 1 and run["config"]["lr"] == 0.013 and run["split"]["forget"] == 130
+    preset_lr = PRESETS["digits"]["methods"]["salun"]["lr"]  # --set epochs wins over the preset, lr comes from it
+    assert run["config"]["epochs"] == 1 and run["config"]["lr"] == preset_lr and run["split"]["forget"] == 130
     # resume: nothing is recomputed, the numbers are the same
     assert main([*argv, "--resume"]) == 0
     second = capsys.readouterr().out

@@ -318,11 +318,9 @@ def _load_split(args: argparse.Namespace, spec=None):
 
 
 def _augment(args: argparse.Namespace):
-    from salun_ext.data import Augment, default_augment
+    from salun_ext.data import resolve_augment
 
-    if args.augment == "auto":
-        return default_augment(args.dataset)
-    return None if args.augment == "none" else Augment(pad=4, flip=True)
+    return resolve_augment(args.augment, args.dataset)
 
 
 def _timestamp() -> str:

@@ -33,6 +33,17 @@ def default_augment(name: str) -> Augment | None:
     return DEFAULT_AUGMENT[dataset_key(name)]
 
 
+def resolve_augment(choice: str, dataset: str) -> Augment | None:
+    """'auto' (the dataset's default), 'none', or 'crop_flip' (padding 4 + horizontal flip)."""
+    if choice == "auto":
+        return default_augment(dataset)
+    if choice == "none":
+        return None
+    if choice == "crop_flip":
+        return Augment(pad=4, flip=True)
+    raise ValueError(f"augment must be 'auto', 'none' or 'crop_flip', got {choice!r}")
+
+
 __all__ = [
     "DATASETS",
     "DEFAULT_AUGMENT",
@@ -47,6 +58,7 @@ __all__ = [
     "epoch_generator",
     "load_dataset",
     "make_unlearning_split",
+    "resolve_augment",
     "select_forget",
     "train_val_split",
 ]

@@ -32,14 +32,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "salun_soft@0.1": {"lr": 0.001},
         },
     },
-    # 54k 28x28 images; the small CNN (width 16) keeps an epoch near 10 s on 2 CPU cores.
+    # 54k 28x28 images; the small CNN (width 16, 21k parameters) reaches ~91% test accuracy in 10 epochs, about
+    # 25 s each on one (shared) CPU core with channels_last.
     "fashion_mnist": {
         "model": "small_cnn",
         "model_options": {"width": 16},
         "batch_size": 256,
-        "original": {"epochs": 15, "lr": 0.1},
+        "original": {"epochs": 10, "lr": 0.1},
         "methods": {
-            "retrain": {"epochs": 15, "lr": 0.1},
+            "retrain": {"epochs": 10, "lr": 0.1},
         },
     },
     # the paper's own setting: its defaults, ResNet-18

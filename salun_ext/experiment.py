@@ -443,7 +443,8 @@ class Experiment:
             "",
             f"{len(self.config.seeds)} trial(s) (seeds {', '.join(map(str, self.config.seeds))}); mean ± std "
             "(gap to Retrain); Avg. Gap = mean gap over UA, RA, TA, MIA; RTE = wall-clock minutes of the unlearning.",
-            f"Machine: {summary['machine']}, torch {summary['torch']}, {summary['date']}.",
+            f"Machine: {summary['machine']}, torch {summary['torch']}, {summary['date']}; "
+            f"whole run {summary['wall_seconds'] / 60:.1f} min.",
             "",
             table,
         ]

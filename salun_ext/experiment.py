@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salun_ext.data import UnlearningSplit, dataset_key, load_dataset, resolve_augment
+from salun_ext.data import UnlearningSplit, class_balanced_subset, dataset_key, load_dataset, resolve_augment
 from salun_ext.data.splits import make_unlearning_split
 from salun_ext.evaluation import evaluate_unlearning, extra_mia_table, markdown_table, plot_gaps, summarize, write_json
 from salun_ext.evaluation.metrics import accuracy
@@ -64,11 +64,13 @@ class ExperimentConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [1])
     split_seed: int = 2
     val_fraction: float = 0.1
+    train_subset: int | None = None  # a class-balanced subset of the official training set (None: all of it)
+    subset_seed: int = 0
     batch_size: int | None = None  # None: the preset's (256 otherwise)
     augment: str = "auto"  # "auto" (the dataset's default), "none", "crop_flip"
     original: dict[str, Any] = dataclasses.field(default_factory=dict)  # OriginalTrainConfig overrides
     method_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    preset: str | None = "auto"  # "auto": the dataset's preset; None / "none": the paper's values only
+    preset: str | None = "auto"  # "auto": the dataset's preset; a preset name; None / "none": the paper's values
     tune_seeds: list[int] = dataclasses.field(default_factory=list)
     sweeps: dict[str, dict[str, list[Any]]] = dataclasses.field(default_factory=dict)  # method -> {param: values}
     mia_shadow_size: int | None = None
@@ -120,7 +122,7 @@ class Experiment:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.dataset = dataset_key(config.dataset)
-        preset = preset_for(self.dataset) if config.preset not in (None, "none") else {}
+        preset = preset_for(self.dataset, config.preset)
         self.preset = preset
         self.device = resolve_device(config.device)
         self.out = Path(
@@ -136,6 +138,12 @@ class Experiment:
             method_key(name)  # unknown names fail before any work
         # load the data once, onto the device
         train_full = load_dataset(self.dataset, config.data_root, train=True, download=config.download)
+        self.train_subset = config.train_subset or preset.get("train_subset")
+        if self.train_subset:
+            train_full = train_full.subset(
+                class_balanced_subset(train_full.labels, self.train_subset, config.subset_seed)
+            )
+        self.mia_shadow_size = config.mia_shadow_size or preset.get("mia_shadow_size")
         self.test_full = load_dataset(self.dataset, config.data_root, train=False, download=config.download)
         self.train_full = train_full
         model_name = config.model or preset.get("model", "resnet18")
@@ -206,7 +214,7 @@ class Experiment:
                 "spec": dataclasses.asdict(self.spec),
                 "train": dataclasses.asdict(self.original_config),
                 "augment": repr(self.augment),
-                "split": [self.config.split_seed, self.config.val_fraction],
+                "split": [self.config.split_seed, self.config.val_fraction, self.train_subset, self.config.subset_seed],
                 "seed": seed,
             }
         )
@@ -285,7 +293,7 @@ class Experiment:
                 "augment": repr(self.augment),
                 "original": None if unlearner.trains_from_scratch else self._original_fingerprint(seed),
                 "spec": dataclasses.asdict(self.spec),
-                "mia": self.config.mia_shadow_size,
+                "mia": self.mia_shadow_size,
             }
         )
         result_path = folder / "result.json"
@@ -304,7 +312,7 @@ class Experiment:
         )
         result = unlearner.run(model, data, self.options(seed, folder / "ckpt"))
         metrics = evaluate_unlearning(
-            model, split.forget, split.retain, split.test, mia_shadow_size=self.config.mia_shadow_size, seed=seed
+            model, split.forget, split.retain, split.test, mia_shadow_size=self.mia_shadow_size, seed=seed
         )
         record = {
             "tag": tag,

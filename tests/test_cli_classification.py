@@ -225,3 +225,14 @@ def test_reproduce_class_wise_scenario(tmp_path):
     run = json.loads((tmp_path / "cw" / "runs" / "class_3" / "seed1" / "ga" / "result.json").read_text())
     assert run["split"]["classes"] == [3] and run["split"]["test"] < 359  # class 3 left the test set
     assert not (tmp_path / "cw" / "gaps.png").exists()  # no ratio axis to plot
+
+
+def test_presets_by_name():
+    from salun_ext.unlearn.presets import preset_for
+
+    assert preset_for("fashion_mnist", "fashion_mnist_5k")["train_subset"] == 5000
+    assert preset_for("digits", "none") == {} and preset_for("digits")["model"] == "small_cnn"
+    with pytest.raises(ValueError, match="is for fashion_mnist, not digits"):
+        preset_for("digits", "fashion_mnist_5k")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_for("digits", "tiny")

@@ -256,3 +256,15 @@ def test_augment_crops_and_flips_on_the_device():
 def test_derive_seed_separates_streams():
     assert derive_seed(1, 2) == derive_seed(1, 2)
     assert len({derive_seed(1, 2), derive_seed(2, 1), derive_seed(1, 3)}) == 3
+
+
+def test_class_balanced_subset_is_seeded_and_balanced():
+    from salun_ext.data import class_balanced_subset
+
+    labels = _labels(20, 5)
+    subset = class_balanced_subset(labels, 25, seed=0)
+    assert len(subset) == 25 and torch.bincount(labels[subset]).tolist() == [5] * 5
+    assert torch.equal(subset, class_balanced_subset(labels, 25, seed=0))
+    assert not torch.equal(subset, class_balanced_subset(labels, 25, seed=1))
+    with pytest.raises(ValueError, match="fewer than"):
+        class_balanced_subset(labels, 500)

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "split_seed": 2,
     "val_fraction": 0.1,
     "batch_size": None,
+    "train_subset": None,
     "augment": "auto",
     "forget_ratio": None,
     "forget_class": None,
@@ -182,6 +183,7 @@ def _add_data(p: argparse.ArgumentParser, forget: bool) -> None:
     g.add_argument("--split-seed", type=int, help="seed of the per-class train/val hold-out (default 2, the paper's)")
     g.add_argument("--val-fraction", type=float, help="share of each class held out for validation (default 0.1)")
     g.add_argument("--batch-size", type=int, help="batch size (default: the dataset preset's, else 256)")
+    g.add_argument("--train-subset", type=int, help="use a seeded class-balanced subset of this many training images")
     g.add_argument("--augment", choices=["auto", "none", "crop_flip"], help="training augmentation (default auto)")
     if forget:
         f = p.add_argument_group("forget set (one of)")
@@ -243,7 +245,7 @@ def register(sub) -> None:
     p.add_argument("--tune-seeds", type=int, nargs="+", help="seeds for --sweep only (must differ from --seeds)")
     p.add_argument("--sweep", action="append", help="METHOD.PARAM=V1,V2,...: pick the best on --tune-seeds")
     p.add_argument("--set", action="append", help="METHOD.PARAM=VALUE hyperparameter override (repeatable)")
-    p.add_argument("--preset", help="'auto' (the dataset's tuned settings, default) or 'none' (the paper's values)")
+    p.add_argument("--preset", help="'auto' (the dataset's settings, default), a preset name, or 'none' (the paper's)")
     p.add_argument("--original-epochs", type=int, help="epochs of the original model (default: the preset's)")
     p.add_argument("--original-lr", type=float, help="lr of the original model (default 0.1)")
     p.add_argument("--mia-shadow-size", type=int, help="subsample the MIA's shadow sets (CPU budgets)")
@@ -284,12 +286,22 @@ def _preset(args: argparse.Namespace) -> dict:
     return preset_for(dataset_key(args.dataset))
 
 
-def _load_split(args: argparse.Namespace, spec=None):
-    """Datasets and the forget split the options describe; checks the checkpoint fits the data."""
-    from salun_ext.data import load_dataset, make_unlearning_split
+def _load_data(args: argparse.Namespace):
+    """(training set, test set) of --dataset, the training set cut to --train-subset when given."""
+    from salun_ext.data import class_balanced_subset, load_dataset
 
     train = load_dataset(args.dataset, args.data_root, train=True, download=bool(args.download))
     test = load_dataset(args.dataset, args.data_root, train=False, download=bool(args.download))
+    if args.train_subset:
+        train = train.subset(class_balanced_subset(train.labels, args.train_subset))
+    return train, test
+
+
+def _load_split(args: argparse.Namespace, spec=None):
+    """Datasets and the forget split the options describe; checks the checkpoint fits the data."""
+    from salun_ext.data import make_unlearning_split
+
+    train, test = _load_data(args)
     if spec is not None:
         shape = (train.channels, train.num_classes, train.image_size)
         if (spec.in_channels, spec.num_classes, spec.image_size) != shape:
@@ -352,15 +364,14 @@ def _clean_errors(handler):
 
 @_clean_errors
 def run_train(args: argparse.Namespace) -> int:
-    from salun_ext.data import dataset_key, load_dataset, train_val_split
+    from salun_ext.data import dataset_key, train_val_split
     from salun_ext.evaluation import accuracy, write_json
     from salun_ext.models import ModelSpec, save_classifier
     from salun_ext.unlearn import OriginalTrainConfig, train_classifier
 
     args = _setup(args)
     preset = _preset(args)
-    train_full = load_dataset(args.dataset, args.data_root, train=True, download=bool(args.download))
-    test = load_dataset(args.dataset, args.data_root, train=False, download=bool(args.download))
+    train_full, test = _load_data(args)
     train_idx, val_idx = train_val_split(train_full.labels, args.val_fraction, args.split_seed)
     model_name = args.model or preset.get("model", "resnet18")
     options = parse_assignments(args.model_option or [], qualified=False, what="--model-option") or preset.get(
@@ -555,6 +566,7 @@ def build_experiment_config(args: argparse.Namespace):
         seeds=list(args.seeds),
         split_seed=args.split_seed,
         val_fraction=args.val_fraction,
+        train_subset=args.train_subset,
         batch_size=args.batch_size,
         augment=args.augment,
         original=original,

@@ -11,6 +11,7 @@ from salun_ext.data.datasets import DATASETS, ImageDataset, dataset_key, default
 from salun_ext.data.loader import Augment, Batches, derive_seed, epoch_generator
 from salun_ext.data.splits import (
     UnlearningSplit,
+    class_balanced_subset,
     make_unlearning_split,
     select_forget,
     train_val_split,
@@ -51,6 +52,7 @@ __all__ = [
     "Batches",
     "ImageDataset",
     "UnlearningSplit",
+    "class_balanced_subset",
     "dataset_key",
     "default_augment",
     "default_roots",

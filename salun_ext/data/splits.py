@@ -42,6 +42,23 @@ def train_val_split(
     return torch.from_numpy(np.flatnonzero(keep)), torch.from_numpy(val_idx.astype(np.int64))
 
 
+def class_balanced_subset(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a seeded subset with size // C samples of each of the C classes (a smaller training set)."""
+    labels_np = labels.cpu().numpy()
+    classes = np.unique(labels_np)
+    per_class = size // len(classes)
+    if per_class < 1:
+        raise ValueError(f"a subset of {size} samples cannot hold one sample of each of {len(classes)} classes")
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for c in classes:
+        idx = np.flatnonzero(labels_np == c)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {per_class} the subset needs")
+        chosen.append(rng.choice(idx, per_class, replace=False))
+    return torch.from_numpy(np.sort(np.concatenate(chosen)).astype(np.int64))
+
+
 def select_forget(
     labels: torch.Tensor,
     *,

@@ -107,12 +107,13 @@ def svc_attack(
 def shadow_indices(n_retain: int, n_test: int, shadow_size: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(member rows of the retain set, non-member rows of the test set) for the attack's training data.
 
-    Default (the paper): the first len(test) retain samples and the whole test set. With `shadow_size`, a seeded
-    random subset of that many samples from each (for CPU budgets: the SVC fit is quadratic in its size).
+    Default (the paper): the first len(test) retain samples and the whole test set (when the retain set is the
+    smaller one, the first len(retain) of each, so both classes stay balanced). With `shadow_size`, a seeded random
+    subset of that many samples from each (for CPU budgets: the SVC fit is quadratic in its size).
     """
     n = min(n_retain, n_test)
     if shadow_size is None or shadow_size >= n:
-        return np.arange(n), np.arange(n_test)
+        return np.arange(n), np.arange(n)
     if shadow_size < 1:
         raise ValueError(f"shadow_size must be >= 1, got {shadow_size}")
     rng = np.random.RandomState(seed)

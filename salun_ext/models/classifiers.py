@@ -1,4 +1,5 @@
-"""Model builders: a small CNN for tiny data and ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+"""Model builders: a small CNN for tiny data, ResNet-18/50 with the CIFAR stem (3x3 conv, stride 1, no max-pool)
+and VGG16-BN. Input channels and classes come from the dataset; normalisation lives inside the model."""
 
 from __future__ import annotations
 
@@ -48,10 +49,87 @@ def resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return nn.Sequential(Normalize([0.5] * in_channels, [0.5] * in_channels), net)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": small_cnn, "resnet18": resnet18}
+def resnet50(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's ResNet-50 with the CIFAR stem; normalisation inside."""
+    import torchvision
+
+    net = torchvision.models.resnet50(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return nn.Sequential(Normalize([0.5] * in_channels, [0.5] * in_channels), net)
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_bn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """VGG16 with batch norm for small images: 13 conv-BN-ReLU layers, global average pooling, one linear head.
+
+    A max-pool is skipped once the feature map is 1x1, so the same network takes 8x8 to 64x64 inputs.
+    """
+    layers: list[nn.Module] = [Normalize([0.5] * in_channels, [0.5] * in_channels)]
+    channels, size = in_channels, image_size
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            if size > 1:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            continue
+        layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+        channels = item
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vgg16_bn": vgg16_bn,
+}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int, **options) -> nn.Module:
+    """A classifier by name ('small_cnn', 'resnet18', 'resnet50', 'vgg16_bn') for the dataset's shape.
+
+    `options` go to the builder (e.g. small_cnn's width=).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-    return MODELS[name](in_channels, num_classes, image_size)
+    try:
+        return MODELS[name](in_channels, num_classes, image_size, **options)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} does not take options {sorted(options)}: {exc}") from exc
+
+
+def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Fresh weights for every layer (each module's reset_parameters, BN running statistics included), in place.
+
+    Original training and Retrain both start from this, so they draw from the same initial distribution.
+    """
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return model
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(qualified name, module) of the model's last nn.Linear: the classification head."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer (no classification head to find)")
+    return found[-1]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted path."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)

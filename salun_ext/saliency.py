@@ -82,6 +82,15 @@ def _histogram(
     return torch.ops.salun_ext.key_histogram(nonempty, low_bit, width, rows, nan_as_zero)
 
 
+def _dense_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when contiguous, else a contiguous permutation of it when one exists, else a contiguous copy."""
+    if t.is_contiguous():
+        return t
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    view = t.permute(order)
+    return view if view.is_contiguous() else t.contiguous()
+
+
 def find_thresholds(
     tensors: list[torch.Tensor],
     ks: Sequence[int],
@@ -98,6 +107,9 @@ def find_thresholds(
     `all_16bit` (whether every process's tensors are 16-bit) must then be the same on every process.
     """
     reducer = reducer or HistogramReducer()
+    # the kernels read flat memory; a count does not depend on element order, so a permuted dense view
+    # (channels_last, transposes) is as good as a copy and costs nothing
+    tensors = [_dense_view(t) for t in tensors]
     if total is None:
         total = sum(t.numel() for t in tensors)
     for k in ks:

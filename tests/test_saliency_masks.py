@@ -87,6 +87,23 @@ def test_non_contiguous_views_rank_in_row_major_order():
     assert torch.equal(mask.dense("v").reshape(-1), oracle_exact_mask([view.contiguous()], 12))
 
 
+def test_find_thresholds_accepts_channels_last_transposed_and_strided_tensors():
+    # the soft-threshold step of SalUn-soft ranks theta - theta_0, which is channels_last for conv weights
+    from salun_ext.saliency import find_thresholds
+
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    tensors = [conv, torch.randn(7, 9, generator=gen).t(), torch.randn(40, generator=gen)[::3]]
+    assert not any(t.is_contiguous() for t in tensors)
+    total = sum(t.numel() for t in tensors)
+    ks = [1, 17, total // 2, total]
+    got = [th.value for th in find_thresholds(tensors, ks)]
+    expected = [th.value for th in find_thresholds([t.contiguous() for t in tensors], ks)]
+    assert got == expected
+    ordered = torch.cat([t.reshape(-1).abs() for t in tensors]).sort(descending=True).values
+    assert got == [ordered[k - 1].item() for k in ks]
+
+
 def test_multi_ratio_equals_single_ratio_calls():
     tensors = nasty_list([500, 1000, 77], "heavy", [torch.float32], seed=2)
     ratios = [0.05, 0.3, 0.3, 0.75]

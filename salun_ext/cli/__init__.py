@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # command-family modules, each with register(subparsers)
 COMMAND_MODULES = [
     "salun_ext.cli.env_cmd",
+    "salun_ext.cli.diffusion",
 ]
 
 

@@ -87,6 +87,7 @@ def register(sub) -> None:
     evaluate.add_argument("--forget-class", nargs="*", default=[], help="DDPM: the forgotten class(es)")
     evaluate.add_argument("--reference", default=None, help="DDPM: the original model folder (before/after grid)")
     evaluate.add_argument("--classifier", default=None, help="DDPM: scoring classifier state_dict (default: train)")
+    evaluate.add_argument("--classifier-epochs", type=int, default=30, help="DDPM: epochs of the trained classifier")
     evaluate.add_argument("--n-per-class", type=int, default=100)
     evaluate.add_argument("--guidance", type=float, default=None, help="guidance s (default: DDPM 3.0)")
     evaluate.add_argument("--steps", type=int, default=50)
@@ -428,6 +429,7 @@ def _evaluate_ddpm(args, out: Path) -> int:
         before_after_grid,
         class_accuracies,
         class_wise_report,
+        first_per_class,
         frechet_distance,
         save_grid,
         train_classifier,
@@ -463,7 +465,7 @@ def _evaluate_ddpm(args, out: Path) -> int:
     fd, fd_label = frechet_distance(real, images[keep], inception_weights=args.inception_weights, classifier=clf)
     result = {"per_class_accuracy": acc, **class_wise_report(acc, forget), "frechet": fd, "frechet_label": fd_label}
     show = min(10, args.n_per_class)
-    pick = torch.cat([torch.nonzero(labels == c).flatten()[:show] for c in range(model.num_classes)])
+    pick = first_per_class(labels, range(model.num_classes), show)
     if args.reference:
         ref = ClassConditionalDDPM.from_pretrained(args.reference, model.device)
         ref_acc, ref_images, _ = class_accuracies(ref, clf, **kw)

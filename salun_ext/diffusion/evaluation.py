@@ -97,7 +97,7 @@ def class_accuracies(
     classifier: torch.nn.Module,
     *,
     classes: Sequence[int] | None = None,
-    n_per_class: int = 100,
+    n_per_class: int | dict[int, int] = 100,
     guidance_scale: float = 3.0,
     num_inference_steps: int = 50,
     seed: int = 0,
@@ -106,11 +106,15 @@ def class_accuracies(
 ) -> tuple[dict[int, float], torch.Tensor, torch.Tensor]:
     """Per-class accuracy (%) of `classifier` on images the class-conditional `model` generates for each class.
 
+    n_per_class: a count for every class, or class -> count (e.g. more samples of the forgotten class).
     Returns (accuracy by class, images, their class labels); the same seed gives the same starting noise to
     every model, so before/after numbers are paired.
     """
     classes = list(range(model.num_classes)) if classes is None else [model.class_id(c) for c in classes]
-    labels = torch.tensor(classes).repeat_interleave(n_per_class)
+    counts = n_per_class if isinstance(n_per_class, dict) else dict.fromkeys(classes, n_per_class)
+    if any(counts.get(c, 0) < 1 for c in classes):
+        raise ValueError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
+    labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in classes])
     images = model.sample(
         labels,
         guidance_scale=guidance_scale,
@@ -231,6 +235,11 @@ def save_grid(images: torch.Tensor, path: PathLike, nrow: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=1, pad_value=1.0)
     return path
+
+
+def first_per_class(labels: torch.Tensor, classes: Sequence[int], show: int) -> torch.Tensor:
+    """Indices of the first `show` images of each class, class after class (one grid row per class)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:show] for c in classes])
 
 
 def before_after_grid(

@@ -192,7 +192,7 @@ class SalUnTask(_ForgetRetainTask):
             seed=seed,
         )
         self.alpha, self.retain_reduction = alpha, retain_reduction
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}  # the last batch's forget / retain terms
 
     def forget_loss(self, model, batch: dict) -> torch.Tensor:
         x_t = self.spec.add_noise(batch["x0"], batch["noise"], batch["t"])
@@ -202,10 +202,11 @@ class SalUnTask(_ForgetRetainTask):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         loss = self.forget_loss(model, batch)
-        self.last_terms = {"forget": float(loss.detach())}
+        # detached tensors, not floats: reading them would synchronise the GPU every step
+        self.last_terms = {"forget": loss.detach()}
         if self.retain is not None:
             retain = _eps_loss(self.spec, model, batch, self.retain_reduction, prefix="retain_")
-            self.last_terms["retain"] = float(retain.detach())
+            self.last_terms["retain"] = retain.detach()
             loss = loss + self.alpha * retain
         return loss
 

@@ -94,6 +94,33 @@ def tiny_ddpm_unet_config(image_size: int = 16, channels: int = 1, num_classes: 
     )
 
 
+# UNet2DConditionModel configs: a tiny one (64x64 images -> 8x8x4 latents, cross-attention width 32) and the
+# SD v1.x architecture (859.5M parameters; random weights when built from it, for memory/speed measurements).
+TINY_SD_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+SD_V1_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
 def build_tiny_stable_diffusion(folder: PathLike | None = None, *, seed: int = 0):
     """A StableDiffusionPipeline with tiny random UNet/VAE/text encoder and the real CLIP tokenizer.
 
@@ -107,18 +134,7 @@ def build_tiny_stable_diffusion(folder: PathLike | None = None, *, seed: int = 0
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**TINY_SD_UNET)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

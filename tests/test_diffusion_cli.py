@@ -363,6 +363,21 @@ def test_stable_diffusion_cli(tmp_path):
             == 0
         )
         assert json.loads((ev / "results.json").read_text())["total_images"] == 1
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
+    ev = tmp_path / "sd-classes"
+    cls_args = ["diffusion", "evaluate", "--pipeline", str(out), "--classifier-arch", "resnet18",
+                "--classifier-weights", str(weights), "--n-per-class", "1", "--steps", "2",
+                "--out", str(ev), *Q]  # fmt: skip
+    assert main([*cls_args, "--classes", "tench", "church", "--forget-class", "tench"]) == 0
+    result = json.loads((ev / "results.json").read_text())
+    assert {"UA", "retain_accuracy", "per_class_accuracy"} <= set(result)
+    with pytest.raises(SystemExit, match="not among the evaluated classes"):
+        main([*cls_args, "--classes", "tench", "--forget-class", "parachute"])
+    with pytest.raises(SystemExit, match=r"unknown class\(es\) \['cat'\]"):
+        main([*cls_args, "--classes", "cat"])
     with pytest.raises(SystemExit, match="needs --concept"):
         main(["diffusion", "mask", "--pipeline", pipe, "--out", str(mask), *Q])
     with pytest.raises(ValueError, match="unknown concept"):

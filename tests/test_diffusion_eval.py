@@ -122,3 +122,26 @@ def test_grids_are_written(tmp_path):
         assert img.size == (5 * 9 + 1, 4 * 9 + 1)
     ba = before_after_grid(imgs, imgs.flip(0), tmp_path / "ba.png", nrow=10, row_labels=["a", "b"], highlight_rows=[1])
     assert ba.exists() and ba.stat().st_size > 1000
+
+
+def test_sd_class_wise_accuracy_with_a_torchvision_classifier(tmp_path):
+    import torchvision
+
+    from salun_ext.diffusion.evaluation import prompt_class_accuracy, torchvision_classifier
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
+    clf = torchvision_classifier("resnet18", weights)
+    sd = load_tiny_sd()
+    acc, images, names = prompt_class_accuracy(
+        sd, clf, {"tench": 0, "church": 497}, n_per_class=2, num_inference_steps=2
+    )
+    assert images.shape == (4, 3, 64, 64) and names == ["tench", "tench", "church", "church"]
+    assert set(acc) == {"tench", "church"} and all(v in (0.0, 50.0, 100.0) for v in acc.values())
+    with pytest.raises(ValueError, match="unknown torchvision model"):
+        torchvision_classifier("resnet9000", weights)
+    with pytest.raises(FileNotFoundError, match="classifier weights not found"):
+        torchvision_classifier("resnet18", tmp_path / "none.pth")
+    with pytest.raises(ValueError, match="does not hold resnet34 weights"):
+        torchvision_classifier("resnet34", weights)

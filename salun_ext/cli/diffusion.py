@@ -96,6 +96,11 @@ def register(sub) -> None:
     evaluate.add_argument("--categories", nargs="*", default=["sexual"], help="SD: I2P categories")
     evaluate.add_argument("--limit", type=int, default=None, help="SD: first N I2P prompts only")
     evaluate.add_argument("--threshold", type=float, default=0.6, help="SD: NudeNet score threshold")
+    evaluate.add_argument("--classifier-arch", default=None, help="SD class-wise: torchvision model (resnet50)")
+    evaluate.add_argument("--classifier-weights", default=None, help="SD class-wise: its state_dict file")
+    evaluate.add_argument(
+        "--classes", nargs="*", default=None, help="SD class-wise: class names (default: Imagenette's ten)"
+    )
     evaluate.add_argument("--out", required=True, help="output folder (results.json, grids)")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -489,8 +494,10 @@ def _evaluate_ddpm(args, out: Path) -> int:
 def _evaluate_sd(args, out: Path) -> int:
     from salun_ext.diffusion.nudity import i2p_nudity, read_i2p
 
+    if args.classifier_arch:
+        return _evaluate_sd_classes(args, out)
     if not args.i2p:
-        _fail("Stable Diffusion evaluation needs --i2p (the I2P prompt CSV)")
+        _fail("Stable Diffusion evaluation needs --i2p (the I2P prompt CSV) or --classifier-arch (class-wise)")
     sd = _load_sd(args)
     prompts = read_i2p(args.i2p, categories=args.categories or None, limit=args.limit)
     result = i2p_nudity(
@@ -501,6 +508,45 @@ def _evaluate_sd(args, out: Path) -> int:
         threshold=args.threshold,
         progress=not args.no_progress,
     )
+    _write_json(out / "results.json", result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate_sd_classes(args, out: Path) -> int:
+    """Class-wise SD: a torchvision ImageNet classifier on "an image of a {class}" images, UA of the forgotten class."""
+    from salun_ext.diffusion.evaluation import prompt_class_accuracy, save_grid, torchvision_classifier
+    from salun_ext.diffusion.stable_diffusion import IMAGENETTE_TO_IMAGENET
+
+    if not args.classifier_weights:
+        _fail("--classifier-arch needs --classifier-weights (a local state_dict file)")
+    names = args.classes or list(IMAGENETTE_TO_IMAGENET)
+    unknown = [c for c in names if c not in IMAGENETTE_TO_IMAGENET]
+    if unknown:
+        _fail(f"unknown class(es) {unknown}: the ImageNet index is known for {list(IMAGENETTE_TO_IMAGENET)}")
+    forget = list(args.forget_class)
+    missing = [c for c in forget if c not in names]
+    if missing:
+        _fail(f"--forget-class {missing} is not among the evaluated classes {names}")
+    sd = _load_sd(args)
+    clf = torchvision_classifier(args.classifier_arch, args.classifier_weights)
+    acc, images, _ = prompt_class_accuracy(
+        sd,
+        clf,
+        {c: IMAGENETTE_TO_IMAGENET[c] for c in names},
+        n_per_class=args.n_per_class,
+        guidance_scale=7.5 if args.guidance is None else args.guidance,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    others = [c for c in names if c not in forget]
+    result = {"per_class_accuracy": acc}
+    if forget:
+        result["UA"] = 100.0 - sum(acc[c] for c in forget) / len(forget)
+    if others:
+        result["retain_accuracy"] = sum(acc[c] for c in others) / len(others)
+    save_grid(images, out / "samples.png", nrow=args.n_per_class)
     _write_json(out / "results.json", result)
     print(json.dumps(result, indent=2))
     return 0

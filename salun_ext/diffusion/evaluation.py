@@ -279,3 +279,72 @@ def before_after_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- SD class-wise
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageNetClassifier(torch.nn.Module):
+    """A torchvision ImageNet classifier taking float [0, 1] images of any size (resize + normalise inside)."""
+
+    def __init__(self, net: torch.nn.Module, size: int = 224) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.net((x - self.mean) / self.std)
+
+
+def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1000) -> ImageNetClassifier:
+    """A user-supplied torchvision classifier (e.g. resnet50) from a local state_dict file (read weights_only)."""
+    import torchvision
+
+    if not hasattr(torchvision.models, arch):
+        raise ValueError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier weights not found: {path}")
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not hold {arch} weights with {num_classes} classes: {exc}") from exc
+    return ImageNetClassifier(net).eval()
+
+
+def prompt_class_accuracy(
+    sd,
+    classifier: torch.nn.Module,
+    class_indices: dict[str, int],
+    *,
+    template: str = "an image of a {}",
+    n_per_class: int = 10,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+    """Top-1 accuracy (%) of `classifier` on SD images of each class prompt (paper: 10 per prompt, CFG 7.5).
+
+    `class_indices`: class name -> the classifier's output index (Imagenette: stable_diffusion.IMAGENETTE_TO_IMAGENET).
+    Returns (accuracy by class, images, their class names); for the forgotten class, UA = 100 - its accuracy.
+    """
+    names = [c for c in class_indices for _ in range(n_per_class)]
+    images = sd.generate(
+        [template.format(c) for c in names],
+        seeds=[seed + i for i in range(len(names))],
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        progress=progress,
+    )
+    pred = predict(classifier.to(images.device), images, batch_size=16)
+    hits = {c: [] for c in class_indices}
+    for name, p in zip(names, pred.tolist()):
+        hits[name].append(p == class_indices[name])
+    return {c: 100.0 * sum(h) / len(h) for c, h in hits.items()}, images, names

@@ -14,6 +14,7 @@ from salun_ext.diffusion.saliency import diffusion_saliency
 from salun_ext.diffusion.stable_diffusion import (
     PromptedImages,
     StableDiffusion,
+    class_folders,
     class_wise_sets,
     concept_prompts,
     concept_sets,
@@ -119,6 +120,14 @@ def test_image_folders(sd, tmp_path):
     assert prompts[int(forget.target_ids[0])] == "an image of a church"  # c' = the next class
     with pytest.raises(ValueError, match="unknown class 'cat'"):
         class_wise_sets(sd, by_class, "cat")
+    # folders are read lazily, up to `limit` images per class
+    folders = class_folders(tmp_path / "classes")
+    assert list(folders) == ["church", "tench"]
+    spec, forget, retain = class_wise_sets(sd, folders, "church", limit=1)
+    assert len(forget) == 1 and len(retain) == 1
+    assert spec.conditioner.prompts[int(forget.target_ids[0])] == "an image of a tench"
+    with pytest.raises(ValueError, match="has no class folder"):
+        class_folders(tmp_path / "empty")
 
 
 def test_concept_sets_encode_latent_moments(sd, nsfw_sets):

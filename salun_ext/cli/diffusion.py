@@ -150,7 +150,7 @@ def _forget_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget-images", default=None, help="SD: forget image folder (default: generate)")
     p.add_argument("--retain-images", default=None, help="SD: retain image folder (default: generate)")
     p.add_argument("--class-root", default=None, help="SD class-wise: root/<class>/ image folders")
-    p.add_argument("--num-images", type=int, default=800, help="SD: images generated per prompt (default 800)")
+    p.add_argument("--num-images", type=int, default=800, help="SD: images per prompt / class (default 800)")
     p.add_argument("--data-dir", default=None, help="SD: where generated forget/retain images are kept")
 
 
@@ -207,21 +207,19 @@ def _sd_sets(args, sd):
     """(spec, forget, retain, forget prompt) from a concept / prompts / class folders; images generated if absent."""
     from salun_ext.diffusion.stable_diffusion import (
         PromptedImages,
+        class_folders,
         class_wise_sets,
         concept_prompts,
         concept_sets,
         generate_prompt_set,
-        load_class_folders,
         load_image_folder,
     )
 
     if args.class_root:
         if len(args.forget_class) != 1:
             _fail("SD class-wise forgetting needs exactly one --forget-class")
-        root = Path(args.class_root)
-        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        images = load_class_folders(root, names, sd.resolution)
-        spec, forget, retain = class_wise_sets(sd, images, args.forget_class[0])
+        folders = class_folders(args.class_root)
+        spec, forget, retain = class_wise_sets(sd, folders, args.forget_class[0], limit=args.num_images)
         return spec, forget, retain, spec.conditioner.prompts[int(forget.ids[0])]
     if args.concept:
         forget_prompt, retain_prompt = concept_prompts(args.concept)

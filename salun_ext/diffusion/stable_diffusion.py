@@ -116,10 +116,17 @@ def load_pipeline(
 
 @dataclasses.dataclass
 class PromptedImages:
-    """Images (float [0, 1], N x 3 x H x W) that show `prompt`."""
+    """Images that show `prompt`: float [0, 1] N x 3 x H x W, or an image folder read (up to `limit` files) only
+    when encoded, so a class-wise dataset is never held in memory as pixels all at once."""
 
-    images: torch.Tensor
+    images: torch.Tensor | Path
     prompt: str
+    limit: int | None = None
+
+    def load(self, size: int) -> torch.Tensor:
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        return load_image_folder(self.images, size, limit=self.limit)
 
 
 class StableDiffusion:
@@ -291,18 +298,27 @@ def load_image_folder(folder: PathLike, size: int, *, limit: int | None = None) 
     return torch.stack(images).float().div_(255.0)
 
 
-def load_class_folders(
-    root: PathLike, classes: Sequence[str], size: int, *, limit: int | None = None
-) -> dict[str, torch.Tensor]:
-    """root/<class name>/ image folders, one per class; a clear error for a class without a folder."""
+def class_folders(root: PathLike, classes: Sequence[str] | None = None) -> dict[str, Path]:
+    """root/<class name>/ image folders (all of them, or the given classes in that order); a clear error for a
+    class without a folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"class folder root not found: {root}")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise ValueError(f"{root} has no class folder (expected root/<class name>/*.png|jpg)")
+    classes = found if classes is None else list(classes)
     missing = [c for c in classes if c not in found]
     if missing:
         raise ValueError(f"unknown class(es) {missing}: {root} has class folders {found}")
-    return {c: load_image_folder(root / c, size, limit=limit) for c in classes}
+    return {c: root / c for c in classes}
+
+
+def load_class_folders(
+    root: PathLike, classes: Sequence[str], size: int, *, limit: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The images of root/<class name>/ folders, loaded (see `class_folders`)."""
+    return {c: load_image_folder(p, size, limit=limit) for c, p in class_folders(root, classes).items()}
 
 
 def save_images(images: torch.Tensor, folder: PathLike, prefix: str = "") -> list[Path]:
@@ -373,8 +389,11 @@ def concept_sets(
     scale = sd.latent_scale()
 
     def encode(items: Sequence[PromptedImages], with_target: bool) -> DiffusionSet:
-        x0 = torch.cat([sd.encode_images(it.images, batch_size) for it in items])
-        ids = torch.cat([torch.full((len(it.images),), cond.id_of(it.prompt), dtype=torch.long) for it in items])
+        moments = [sd.encode_images(it.load(sd.resolution), batch_size) for it in items]
+        x0 = torch.cat(moments)
+        ids = torch.cat(
+            [torch.full((len(m),), cond.id_of(it.prompt), dtype=torch.long) for m, it in zip(moments, items)]
+        )
         target = torch.full_like(ids, cond.id_of(target_prompt)) if with_target else None
         return DiffusionSet(x0, ids, target, latent_scale=scale)
 
@@ -383,18 +402,22 @@ def concept_sets(
 
 def class_wise_sets(
     sd: StableDiffusion,
-    images_by_class: dict[str, torch.Tensor],
+    images_by_class: dict[str, torch.Tensor | Path],
     forget_class: str,
     *,
     template: str = CLASS_PROMPT,
+    limit: int | None = None,
     batch_size: int = 8,
 ) -> tuple[DiffusionSpec, DiffusionSet, DiffusionSet | None]:
-    """Class-wise forgetting (prompts "an image of a {class}"): c' = the next class's prompt, as the paper's code."""
+    """Class-wise forgetting (prompts "an image of a {class}"): c' = the next class's prompt, as the paper's code.
+
+    images_by_class: class name -> images or an image folder (read lazily, up to `limit` images per class).
+    """
     classes = list(images_by_class)
     if forget_class not in images_by_class:
         raise ValueError(f"unknown class {forget_class!r}; classes: {classes}")
     k = classes.index(forget_class)
     target = template.format(classes[(k + 1) % len(classes)])
-    forget = PromptedImages(images_by_class[forget_class], template.format(forget_class))
-    retain = [PromptedImages(v, template.format(c)) for c, v in images_by_class.items() if c != forget_class]
+    forget = PromptedImages(images_by_class[forget_class], template.format(forget_class), limit)
+    retain = [PromptedImages(v, template.format(c), limit) for c, v in images_by_class.items() if c != forget_class]
     return concept_sets(sd, forget, retain, target_prompt=target, batch_size=batch_size)

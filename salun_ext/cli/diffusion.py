@@ -111,6 +111,7 @@ def register(sub) -> None:
     demo.add_argument("--train-epochs", type=int, default=None)
     demo.add_argument("--unlearn-steps", type=int, default=None)
     demo.add_argument("--n-per-class", type=int, default=None)
+    demo.add_argument("--alpha", type=float, default=None, help="SalUn retain weight (default: 1e-3 * 3072 / CHW)")
     demo.add_argument("--no-reuse", action="store_true", help="retrain even if the output folder has a model")
     demo.add_argument("--out", required=True)
     demo.set_defaults(handler=run_demo)
@@ -562,7 +563,7 @@ def run_demo(args) -> int:
         reuse=not args.no_reuse,
         progress=not args.no_progress,
     )
-    for key in ("train_epochs", "unlearn_steps", "n_per_class"):
+    for key in ("train_epochs", "unlearn_steps", "n_per_class", "alpha"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     demo(cfg, args.out)

@@ -191,8 +191,9 @@ class ClassConditionalDDPM:
     ) -> torch.Tensor:
         """Images (float, [0, 1], N x C x H x W on the CPU) of the given classes with classifier-free guidance.
 
-        Sample i uses the noise of (seed, i) whatever the batch size, so two models sampled with the same seed
-        start from the same noise: before/after comparisons are paired.
+        Sample i starts from the noise of (seed, i) whatever the batch size, so two models sampled with the same
+        seed start from the same noise: before/after comparisons are paired (exactly so with the deterministic
+        DDIM sampler; the DDPM sampler also draws noise at every step, seeded per batch).
         """
         from tqdm.auto import tqdm
 

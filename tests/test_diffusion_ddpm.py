@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,7 @@ from salun_ext.diffusion.ddpm import (
 )
 from salun_ext.diffusion.methods import EpsTask, run_task
 from salun_ext.engine import EngineConfig, OptimConfig
-from tests.diffusion_helpers import digits, micro_ddpm
+from tests.diffusion_helpers import MICRO, digits, micro_ddpm
 
 
 def _fixed_loss(model, data, n=64, seed=123):
@@ -177,3 +178,21 @@ def test_checkpoint_resume_is_exact(tmp_path):
     resumed = run(2, True, tmp_path / "ck")
     for (n, p), (_, q) in zip(straight.unet.named_parameters(), resumed.unet.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_fashion_mnist_class_names_and_resizing():
+    from salun_ext.data import load_dataset
+
+    try:
+        ds = load_dataset("fashion_mnist", train=False)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST files are not installed")
+    ds = ds.subset(torch.arange(300))
+    model = ClassConditionalDDPM.from_config(
+        dataclasses.replace(MICRO, image_size=8), ds.classes, dataset="fashion_mnist"
+    )
+    forget, retain = forget_retain_sets(model, ds, ["Trouser"])
+    assert 1 not in set(retain.ids.tolist())
+    assert forget.x0.shape[1:] == (1, 8, 8) and set(forget.ids.tolist()) == {1}
+    assert set(forget.target_ids.tolist()) == {2}  # c' = Pullover
+    assert model.sample(["Ankle boot"], num_inference_steps=2).shape == (1, 1, 8, 8)

@@ -237,3 +237,16 @@ def test_salun_sd_with_mask_and_pipeline_round_trip(tmp_path, nsfw_sets):
     # ESD-x with the same (whole-UNet) mask: restricted to cross-attention
     xattn = dict(esd_parameters(sd.unet, "esd-x"))
     assert mask.subset(list(xattn)).numel == sum(p.numel() for p in xattn.values())
+
+
+def test_gradient_checkpointing_and_attention_slicing_train(nsfw_sets):
+    sd = StableDiffusion.from_pretrained(
+        tiny_pipeline_folder(), device="cpu", gradient_checkpointing=True, attention_slicing=True
+    )
+    assert sd.unet.is_gradient_checkpointing
+    assert any("Sliced" in type(p).__name__ for p in sd.unet.attn_processors.values())
+    spec, forget, retain = nsfw_sets
+    start = params_snapshot(sd.unet)
+    fit = unlearn("salun", "sd-nsfw", sd.unet, spec, forget, retain, max_steps=2,
+                  engine_overrides={"progress": False, "amp": "none"}, optimizer_overrides={"lr": 1e-3})  # fmt: skip
+    assert fit.steps == 2 and any(not torch.equal(p, start[n]) for n, p in sd.unet.named_parameters())

@@ -176,6 +176,26 @@ class SaliencyMask:
     def to(self, device: torch.device | str) -> SaliencyMask:
         return self._replace(words=self.words.to(device))
 
+    def subset(self, names: Iterable[str]) -> SaliencyMask:
+        """The mask of some tensors only, in the given order (e.g. the parameters a method trains).
+
+        Segments are padded per tensor, so this copies words and never unpacks bits. ratio/threshold are kept
+        (they describe the global ranking the bits came from); k becomes the subset's salient count.
+        """
+        names = list(names)
+        if names == list(self.names):
+            return self
+        for n in names:
+            self._lookup(n)
+        words = (
+            torch.cat([self.segment(n) for n in names])
+            if names
+            else torch.zeros(0, dtype=torch.int32, device=self.device)
+        )
+        out = self._replace(words=words, names=names, shapes=[self.shapes[self._index[n]] for n in names])
+        out.k = out.count()
+        return out
+
     def _replace(self, **changes: Any) -> SaliencyMask:
         fields = dict(
             words=self.words,

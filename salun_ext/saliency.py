@@ -522,9 +522,11 @@ def compute_saliency(
             loss.backward()
             count += 1
             if own_buffers:
-                grads = [p.grad for _, p in named if p.grad is not None]
-                if clip_grad_norm is not None and grads:
-                    torch.nn.utils.clip_grad_norm_(grads, clip_grad_norm)
+                # clip_grad_norm_ takes the parameters (it reads their .grad): given bare gradient tensors it
+                # would find no .grad and silently clip nothing
+                with_grad = [p for _, p in named if p.grad is not None]
+                if clip_grad_norm is not None and with_grad:
+                    torch.nn.utils.clip_grad_norm_(with_grad, clip_grad_norm)
                 for n, p in named:
                     if p.grad is not None:
                         accum[n].add_(p.grad.abs() if reduction == "sum_of_abs" else p.grad)

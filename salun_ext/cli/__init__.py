@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "salun_ext.cli.env_cmd",
     "salun_ext.cli.classification",
     "salun_ext.cli.lm",
+    "salun_ext.cli.diffusion",
 ]
 
 

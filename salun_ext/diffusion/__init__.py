@@ -1,0 +1,1 @@
+"""Generation unlearning: SalUn, ESD, FMN, GA and Retrain for class-conditional DDPMs and Stable Diffusion."""

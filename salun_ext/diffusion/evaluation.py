@@ -1,0 +1,350 @@
+"""Evaluation of generation unlearning: a classifier's verdict on generated images (UA), Fréchet distances, grids.
+
+- `train_classifier`: the scoring classifier for DDPM datasets (the suite's small CNN, trained on the Engine with a
+  minimal cross-entropy Task; to be unified with the classification suite's training after the merge).
+- `class_accuracies` / `class_wise_report`: generate n images per class with guidance, classify them; UA = the share
+  of forgotten-class images NOT classified as that class (the paper: 500 samples, guidance w = 2 -> s = 3).
+- `frechet_distance`: FID through torchmetrics when Inception weights exist locally (and torch-fidelity is
+  installed), otherwise the same Fréchet distance on the scoring classifier's penultimate features, labelled so.
+- `save_grid`, `before_after_grid`: PNG image grids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from salun_ext.engine import Engine, EngineConfig, OptimConfig
+
+PathLike = str | os.PathLike
+
+# ---------------------------------------------------------------------------------------------------- classifier
+
+
+class _CrossEntropyTask:
+    """Minimal supervised task: CE on [0, 1] images with +-1 px random shifts (robust to generated images).
+
+    Deliberately small: the classification suite's own training Task replaces it after the merge.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+
+    def num_batches(self, epoch: int) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def batches(self, epoch: int):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        for index in torch.randperm(len(self.labels), generator=gen).split(self.batch_size):
+            x = self.images[index]
+            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            yield torch.roll(x, shifts=(dy, dx), dims=(2, 3)), self.labels[index]
+
+    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    arch: str = "small_cnn",
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+) -> torch.nn.Module:
+    """A classifier of the suite (salun_ext.models) trained on float [0, 1] images N x C x H x W; returned in eval."""
+    from salun_ext.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, images.shape[1], num_classes, images.shape[-1])
+    config = EngineConfig(
+        epochs=epochs,
+        optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0),
+        schedule="cosine",
+        seed=seed,
+        device=device,
+        progress=progress,
+        desc="classifier",
+    )
+    Engine(model, config).fit(_CrossEntropyTask(images, labels, batch_size, seed))
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels (CPU int64) of float [0, 1] images."""
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    out = [classifier(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)]
+    classifier.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def class_accuracies(
+    model,
+    classifier: torch.nn.Module,
+    *,
+    classes: Sequence[int] | None = None,
+    n_per_class: int | dict[int, int] = 100,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> tuple[dict[int, float], torch.Tensor, torch.Tensor]:
+    """Per-class accuracy (%) of `classifier` on images the class-conditional `model` generates for each class.
+
+    n_per_class: a count for every class, or class -> count (e.g. more samples of the forgotten class).
+    Returns (accuracy by class, images, their class labels); the same seed gives the same starting noise to
+    every model, so before/after numbers are paired.
+    """
+    classes = list(range(model.num_classes)) if classes is None else [model.class_id(c) for c in classes]
+    counts = n_per_class if isinstance(n_per_class, dict) else dict.fromkeys(classes, n_per_class)
+    if any(counts.get(c, 0) < 1 for c in classes):
+        raise ValueError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
+    labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in classes])
+    images = model.sample(
+        labels,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    pred = predict(classifier, images)
+    acc = {c: 100.0 * float((pred[labels == c] == c).float().mean()) for c in classes}
+    return acc, images, labels
+
+
+def class_wise_report(accuracy: dict[int, float], forget_classes: Sequence[int]) -> dict[str, float]:
+    """UA (100 - accuracy on the forgotten classes' generated images) and the other classes' mean accuracy."""
+    forget = [c for c in accuracy if c in set(forget_classes)]
+    others = [c for c in accuracy if c not in set(forget_classes)]
+    report = {}
+    if forget:
+        report["forget_accuracy"] = sum(accuracy[c] for c in forget) / len(forget)
+        report["UA"] = 100.0 - report["forget_accuracy"]
+    if others:
+        report["retain_accuracy"] = sum(accuracy[c] for c in others) / len(others)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- Fréchet
+
+
+class PenultimateFeatures(torch.nn.Module):
+    """A classifier's input to its last Linear layer, as a feature extractor (float [0, 1] images in)."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise ValueError("the classifier has no Linear layer to take penultimate features from")
+        self.classifier = classifier.eval()
+        self.head = linears[-1]
+        self.num_features = self.head.in_features
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        captured = []
+        handle = self.head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+        try:
+            self.classifier(x.float())
+        finally:
+            handle.remove()
+        return captured[0].flatten(1).double()
+
+
+def find_inception_weights(path: PathLike | None = None) -> Path | None:
+    """torch-fidelity's Inception-v3 FID weights: the given file, or the torch hub cache; None when absent."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights not found: {path}")
+        return path
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(cache.glob("weights-inception-2015-12-05-*.pth")) if cache.is_dir() else []
+    return found[0] if found else None
+
+
+def frechet_distance(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    inception_weights: PathLike | None = None,
+    classifier: torch.nn.Module | None = None,
+    batch_size: int = 250,
+) -> tuple[float, str]:
+    """(value, label): FID when Inception weights are available, else the classifier-feature Fréchet distance.
+
+    Images are float [0, 1], N x C x H x W (grey images are repeated to RGB for Inception).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    weights = find_inception_weights(inception_weights)
+    if weights is not None:
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("FID with Inception weights needs `pip install torch-fidelity`") from exc
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+        label = "FID (Inception-v3, torchmetrics)"
+
+        def prep(x):
+            return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+    else:
+        if classifier is None:
+            raise ValueError(
+                "no Inception weights found (pass inception_weights= or put torch-fidelity's "
+                "weights-inception-2015-12-05-*.pth in the torch hub cache), and no classifier for the fallback"
+            )
+        features = PenultimateFeatures(classifier)
+        metric = FrechetInceptionDistance(feature=features, reset_real_features=True)
+        label = f"classifier-feature Fréchet distance ({features.num_features}-d penultimate features; NOT FID)"
+
+        def prep(x):
+            return x.to(next(classifier.parameters()).device)
+
+    for chunk in real.split(batch_size):
+        metric.update(prep(chunk), real=True)
+    for chunk in fake.split(batch_size):
+        metric.update(prep(chunk), real=False)
+    return float(metric.compute()), label
+
+
+# ---------------------------------------------------------------------------------------------------- grids
+
+
+def save_grid(images: torch.Tensor, path: PathLike, nrow: int) -> Path:
+    """A PNG grid of float [0, 1] images, `nrow` images per row."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=1, pad_value=1.0)
+    return path
+
+
+def first_per_class(labels: torch.Tensor, classes: Sequence[int], show: int) -> torch.Tensor:
+    """Indices of the first `show` images of each class, class after class (one grid row per class)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:show] for c in classes])
+
+
+def before_after_grid(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    path: PathLike,
+    *,
+    nrow: int,
+    row_labels: Sequence[str] | None = None,
+    titles: tuple[str, str] = ("before", "after"),
+    highlight_rows: Sequence[int] = (),
+) -> Path:
+    """Two grids side by side (same layout: rows of `nrow` images) with titles and row labels, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = math.ceil(len(before) / nrow)
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * nrow * 2, 1 + 0.5 * rows), squeeze=False)
+    for ax, imgs, title in zip(axes[0], (before, after), titles):
+        grid = make_grid(imgs.float().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).cpu().numpy(), cmap="gray", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xticks([])
+        cell = grid.shape[1] / rows
+        ax.set_yticks([cell * (r + 0.5) for r in range(rows)])
+        labels = list(row_labels) if row_labels is not None else [str(r) for r in range(rows)]
+        ax.set_yticklabels(labels[:rows])
+        for r in highlight_rows:
+            ax.get_yticklabels()[r].set_color("red")
+            ax.get_yticklabels()[r].set_fontweight("bold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- SD class-wise
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageNetClassifier(torch.nn.Module):
+    """A torchvision ImageNet classifier taking float [0, 1] images of any size (resize + normalise inside)."""
+
+    def __init__(self, net: torch.nn.Module, size: int = 224) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.net((x - self.mean) / self.std)
+
+
+def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1000) -> ImageNetClassifier:
+    """A user-supplied torchvision classifier (e.g. resnet50) from a local state_dict file (read weights_only)."""
+    import torchvision
+
+    if not hasattr(torchvision.models, arch):
+        raise ValueError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier weights not found: {path}")
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not hold {arch} weights with {num_classes} classes: {exc}") from exc
+    return ImageNetClassifier(net).eval()
+
+
+def prompt_class_accuracy(
+    sd,
+    classifier: torch.nn.Module,
+    class_indices: dict[str, int],
+    *,
+    template: str = "an image of a {}",
+    n_per_class: int = 10,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+    """Top-1 accuracy (%) of `classifier` on SD images of each class prompt (paper: 10 per prompt, CFG 7.5).
+
+    `class_indices`: class name -> the classifier's output index (Imagenette: stable_diffusion.IMAGENETTE_TO_IMAGENET).
+    Returns (accuracy by class, images, their class names); for the forgotten class, UA = 100 - its accuracy.
+    """
+    names = [c for c in class_indices for _ in range(n_per_class)]
+    images = sd.generate(
+        [template.format(c) for c in names],
+        seeds=[seed + i for i in range(len(names))],
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        progress=progress,
+    )
+    pred = predict(classifier.to(images.device), images, batch_size=16)
+    hits = {c: [] for c in class_indices}
+    for name, p in zip(names, pred.tolist()):
+        hits[name].append(p == class_indices[name])
+    return {c: 100.0 * sum(h) / len(h) for c, h in hits.items()}, images, names

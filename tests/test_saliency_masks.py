@@ -244,8 +244,29 @@ def test_compute_saliency_sum_of_abs_and_clipping():
     expected = salun_ext.saliency_masks(manual, 0.3)
     got = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, reduction="sum_of_abs", progress=False)
     assert got.equal(expected)
-    clipped = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, clip_grad_norm=1e-3, progress=False)
-    assert clipped.count() == expected.k
+
+
+def test_compute_saliency_clips_each_batch_before_summing():
+    # one batch with 50x larger inputs dominates the unclipped sum; clipping every batch to the same norm
+    # (the DDPM recipe) must give the other batches an equal say, so the mask changes
+    model, batches = _tiny_model(), _batches()
+    batches[0] = (batches[0][0] * 50, batches[0][1])
+    model.eval()
+    params = list(model.parameters())
+    clipped_sum = [torch.zeros_like(p) for p in params]
+    for b in batches:
+        model.zero_grad()
+        _neg_ce(model, b).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1e-3)
+        assert norm > 1e-3, "the test needs every batch to be clipped"
+        for acc, p in zip(clipped_sum, params):
+            acc += p.grad
+    names = [n for n, _ in model.named_parameters()]
+    expected = salun_ext.saliency_masks({n: g.abs() for n, g in zip(names, clipped_sum)}, 0.3)
+    got = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, clip_grad_norm=1e-3, progress=False)
+    assert got.equal(expected)
+    unclipped = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, progress=False)
+    assert not got.equal(unclipped), "clipping had no effect on the mask"
 
 
 def test_compute_saliency_parameter_selection():

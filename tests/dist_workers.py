@@ -470,6 +470,27 @@ def check_lm_cli_ddp(rank, world, ctx):
     assert mask.count() == mask.k and mask.shard is None
 
 
+CLS_FAST = ["--no-progress", "--device", "cpu", "--forget-ratio", "0.1"]
+
+
+def check_classification_cli_ddp(rank, world, ctx):
+    """`salun-ext train|mask|unlearn --method salun` with the torchrun environment set: DDP, rank-0 files.
+
+    test_distributed.py compares the masks with one-process runs of the same commands.
+    """
+    from salun_ext.cli import main
+
+    out = ctx["out"] / "cls"
+    model = out / "orig" / "model.safetensors"
+    assert main(["train", "--epochs", "1", "--out", str(model), "--no-progress", "--device", "cpu"]) == 0
+    assert main(["mask", "--checkpoint", str(model), "--out", str(out / "masks"), *CLS_FAST]) == 0
+    argv = ["unlearn", "--checkpoint", str(model), "--method", "salun", "--set", "epochs=1", *CLS_FAST]
+    assert main([*argv, "--out", str(out / "salun"), "--mia-shadow-size", "50"]) == 0
+    for path in ("orig/model.json", "masks/with_0.5.safetensors", "salun/mask.safetensors", "salun/run.json"):
+        assert (out / path).exists(), path  # rank 0 wrote, the others waited for it
+    assert not (out / "salun" / "ckpt").exists()
+
+
 def check_timeout(rank, world, ctx):
     """A rank that never joins: the others raise DistributedError after the timeout instead of hanging."""
     import salun_ext

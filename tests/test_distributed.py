@@ -30,6 +30,7 @@ WORLD2_CHECKS = [
     "engine_resume",
     "lm_cli_ddp",
     "classification_cli_ddp",
+    "diffusion_cli_ddp",
     "timeout",
     "peer_crash",  # last: rank 1 dies
 ]
@@ -113,3 +114,15 @@ def test_classification_cli_masks_under_ddp_equal_the_one_process_masks(world2, 
     for one, two in [("masks/with_0.5.safetensors",) * 2, ("salun/mask.safetensors",) * 2]:
         a, b = SaliencyMask.load(tmp_path / one), SaliencyMask.load(cls / two)
         assert a.equal(b) and (a.k, a.threshold) == (b.k, b.threshold), one
+
+
+def test_diffusion_cli_mask_under_ddp_equals_the_one_process_mask(world2, tmp_path):
+    from salun_ext import SaliencyMask
+    from salun_ext.cli import main
+
+    _assert_ok(world2, "diffusion_cli_ddp")
+    ddpm = SESSION_DIRS[2] / "ddpm"
+    argv = ["diffusion", "mask", "--model", str(ddpm / "orig"), *dist_workers.DDPM_MASK]
+    assert main([*argv, "--out", str(tmp_path / "mask.safetensors")]) == 0
+    a, b = SaliencyMask.load(tmp_path / "mask.safetensors"), SaliencyMask.load(ddpm / "mask.safetensors")
+    assert a.equal(b) and (a.k, a.threshold) == (b.k, b.threshold)

@@ -153,14 +153,12 @@ class SalUn(UnlearnMethod):
         cfg: SalUnConfig = self.config
         if cfg.mask_mode not in ("strict", "compat"):
             raise ValueError(f"mask_mode must be 'strict' or 'compat', got {cfg.mask_mode!r}")
+        computed = None  # returned (as UnlearnResult.mask) only when computed here
         if mask is None:
             forget = self.loader(data, "forget", options, STREAM_FORGET, shuffle=False, augment=False)
-            mask = forget_saliency(
+            mask = computed = forget_saliency(
                 model, forget, cfg.mask_ratio, progress=options.progress, process_group=options.mask_group()
             )
-            computed = mask
-        else:
-            computed = None
         task = _RandomLabelTask(data, self, options, cfg.order)
         result = self.fit(model, task, options, mask=mask, optim=cfg.optim(mask_mode=cfg.mask_mode))
         return {"history": result.history, "mask_density": mask.density, "mask": computed}

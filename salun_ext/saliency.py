@@ -476,6 +476,7 @@ def compute_saliency(
     progress: bool = True,
     reducer: HistogramReducer | None = None,
     process_group: Any = None,
+    replicated_batches: bool = False,
     timeout_s: float | None = 300.0,
 ) -> SaliencyMask | list[SaliencyMask]:
     """Accumulate forget-loss gradients over `batches` and return the saliency mask(s).
@@ -492,6 +493,10 @@ def compute_saliency(
             models (DTensor shards) are used as they are; for a plain module the summed gradients are
             all-reduced once before ranking. Names are the unwrapped module's. With DDP/FSDP a "batch" for
             sum_of_abs and clip_grad_norm is the global batch (all ranks' batches together).
+        replicated_batches: with a plain module and `process_group`, every rank iterates the SAME batches, so its
+            summed gradients already are the global ones: they are ranked as replicated tensors (each element
+            counted once, the ranking work split over the ranks) without an all-reduce. The mask then equals the
+            one-process mask bit for bit (no change of summation order), provided the kernels are deterministic.
     The parameters' `.grad` are cleared on return.
     """
     from tqdm.auto import tqdm
@@ -554,7 +559,7 @@ def compute_saliency(
         raise ValueError("compute_saliency: 'batches' yielded no batch" + (" on any rank" if process_group else ""))
     # a parameter the loss never reached has a zero gradient; it still takes part in the ranking
     sums = accum if own_buffers else {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named}
-    if process_group is not None and not _is_ddp(model) and not _has_dtensor(sums):
+    if process_group is not None and not replicated_batches and not _is_ddp(model) and not _has_dtensor(sums):
         for g in sums.values():  # each rank summed its own batches: one all-reduce makes the global sum
             g.copy_(comm.all_reduce(g.float() if g.dtype == torch.bfloat16 else g).to(g.device, g.dtype))
     magnitudes = {n: (g.abs_() if reduction == "abs_of_sum" else g) for n, g in sums.items()}

@@ -470,6 +470,61 @@ def check_lm_cli_ddp(rank, world, ctx):
     assert mask.count() == mask.k and mask.shard is None
 
 
+CLS_FAST = ["--no-progress", "--device", "cpu", "--forget-ratio", "0.1"]
+
+
+def check_classification_cli_ddp(rank, world, ctx):
+    """`salun-ext train|mask|unlearn --method salun` with the torchrun environment set: DDP, rank-0 files.
+
+    test_distributed.py compares the masks with one-process runs of the same commands.
+    """
+    from salun_ext.cli import main
+
+    out = ctx["out"] / "cls"
+    model = out / "orig" / "model.safetensors"
+    assert main(["train", "--epochs", "1", "--out", str(model), "--no-progress", "--device", "cpu"]) == 0
+    assert main(["mask", "--checkpoint", str(model), "--out", str(out / "masks"), *CLS_FAST]) == 0
+    argv = ["unlearn", "--checkpoint", str(model), "--method", "salun", "--set", "epochs=1", *CLS_FAST]
+    assert main([*argv, "--out", str(out / "salun"), "--mia-shadow-size", "50"]) == 0
+    for path in ("orig/model.json", "masks/with_0.5.safetensors", "salun/mask.safetensors", "salun/run.json"):
+        assert (out / path).exists(), path  # rank 0 wrote, the others waited for it
+    assert not (out / "salun" / "ckpt").exists()
+    # single-process commands refuse a torchrun start at once instead of racing or hanging
+    for argv in (["reproduce", "--out", str(out / "r")], ["diffusion", "demo", "--out", str(out / "d")]):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            assert "runs in one process only" in str(exc) and f"WORLD_SIZE={world}" in str(exc), exc
+        else:
+            raise AssertionError(f"{argv[:2]} ran under WORLD_SIZE={world}")
+
+
+DDPM_MASK = ["--forget-class", "3", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+
+
+def check_diffusion_cli_ddp(rank, world, ctx):
+    """`salun-ext diffusion train|mask|unlearn --method salun` with the torchrun environment set (DDP)."""
+    from salun_ext.cli import main
+    from salun_ext.diffusion.ddpm import ClassConditionalDDPM
+    from salun_ext.mask import SaliencyMask
+
+    out = ctx["out"] / "ddpm"
+    fast = ["--no-progress", "--device", "cpu"]
+    train = ["--dataset", "digits", "--image-size", "8", "--epochs", "1", "--subset", "64", "--batch-size", "16"]
+    assert main(["diffusion", "train", *train, "--out", str(out / "orig"), *fast]) == 0
+    model = ["--model", str(out / "orig")]
+    assert main(["diffusion", "mask", *model, *DDPM_MASK, "--out", str(out / "mask.safetensors")]) == 0
+    argv = ["diffusion", "unlearn", "--method", "salun", *model, "--forget-class", "3", "--steps", "2"]
+    argv += ["--batch-size", "8", "--mask", str(out / "mask.safetensors"), "--out", str(out / "salun"), *fast]
+    assert main(argv) == 0
+    assert json.loads((out / "salun" / "unlearn_log.json").read_text())["world_size"] == world
+    mask = SaliencyMask.load(out / "mask.safetensors")
+    before = ClassConditionalDDPM.from_pretrained(out / "orig").unet.named_parameters()
+    after = dict(ClassConditionalDDPM.from_pretrained(out / "salun").unet.named_parameters())
+    for n, p in before:  # masked DDP steps: only salient weights moved
+        assert torch.equal(p[~mask.dense(n)], after[n][~mask.dense(n)]), n
+
+
 def check_timeout(rank, world, ctx):
     """A rank that never joins: the others raise DistributedError after the timeout instead of hanging."""
     import salun_ext

@@ -29,10 +29,15 @@ WORLD2_CHECKS = [
     "mask_files",
     "engine_resume",
     "lm_cli_ddp",
+    "classification_cli_ddp",
+    "diffusion_cli_ddp",
     "timeout",
     "peer_crash",  # last: rank 1 dies
 ]
 WORLD4_CHECKS = ["replicated", "dtensor_shards", "mesh_2d", "uneven_shards_ties", "per_rank", "fsdp_masked_steps"]
+
+
+SESSION_DIRS: dict = {}  # world size -> the session's output folder (for checks compared in the parent)
 
 
 def _free_port() -> int:
@@ -61,6 +66,7 @@ def _session(world: int, checks: list[str], tmp_path_factory) -> list[dict]:
         join=True,
         start_method="fork",
     )
+    SESSION_DIRS[world] = out
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     timing = {k.split(":")[0]: v for k, v in results[0].items() if k.endswith(":seconds")}
     print(f"world {world} check seconds (rank 0): {timing}")
@@ -91,3 +97,32 @@ def test_two_processes(world2, check):
 @pytest.mark.parametrize("check", WORLD4_CHECKS)
 def test_four_processes(world4, check):
     _assert_ok(world4, check)
+
+
+def test_classification_cli_masks_under_ddp_equal_the_one_process_masks(world2, tmp_path):
+    """The 2-process `mask` and SalUn `unlearn` masks (every rank takes the whole forget set) = one process's."""
+    from salun_ext import SaliencyMask
+    from salun_ext.cli import main
+
+    _assert_ok(world2, "classification_cli_ddp")
+    cls = SESSION_DIRS[2] / "cls"
+    model = str(cls / "orig" / "model.safetensors")
+    fast = dist_workers.CLS_FAST
+    assert main(["mask", "--checkpoint", model, "--out", str(tmp_path / "masks"), *fast]) == 0
+    argv = ["unlearn", "--checkpoint", model, "--method", "salun", "--set", "epochs=1", "--no-evaluate", *fast]
+    assert main([*argv, "--out", str(tmp_path / "salun")]) == 0
+    for one, two in [("masks/with_0.5.safetensors",) * 2, ("salun/mask.safetensors",) * 2]:
+        a, b = SaliencyMask.load(tmp_path / one), SaliencyMask.load(cls / two)
+        assert a.equal(b) and (a.k, a.threshold) == (b.k, b.threshold), one
+
+
+def test_diffusion_cli_mask_under_ddp_equals_the_one_process_mask(world2, tmp_path):
+    from salun_ext import SaliencyMask
+    from salun_ext.cli import main
+
+    _assert_ok(world2, "diffusion_cli_ddp")
+    ddpm = SESSION_DIRS[2] / "ddpm"
+    argv = ["diffusion", "mask", "--model", str(ddpm / "orig"), *dist_workers.DDPM_MASK]
+    assert main([*argv, "--out", str(tmp_path / "mask.safetensors")]) == 0
+    a, b = SaliencyMask.load(tmp_path / "mask.safetensors"), SaliencyMask.load(ddpm / "mask.safetensors")
+    assert a.equal(b) and (a.k, a.threshold) == (b.k, b.threshold)

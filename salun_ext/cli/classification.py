@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from salun_ext.cli.distributed_args import add_distributed_args, distributed_session, single_process_only
+
 # Real defaults live here, not in argparse: an option left out (None) falls back to the config file, then to these.
 DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
@@ -202,6 +204,7 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="epochs (default: the preset's, else the paper's 182)")
     p.add_argument("--lr", type=float, help="learning rate (default 0.1, x0.1 at 50%% and 75%% of the epochs)")
     p.add_argument("--out", help="checkpoint path (default runs/train-<dataset>-<model>/model.safetensors)")
+    add_distributed_args(p)
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("mask", help="compute SalUn saliency masks for a forget set")
@@ -210,6 +213,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="the original model (salun_ext safetensors checkpoint)")
     p.add_argument("--ratios", type=float, nargs="+", help="mask ratios (default 0.5)")
     p.add_argument("--out", help="folder for with_<ratio>.safetensors (default: masks/ next to the checkpoint)")
+    add_distributed_args(p)
     p.set_defaults(handler=run_mask)
 
     p = sub.add_parser("unlearn", help="run one unlearning method on a checkpoint")
@@ -222,6 +226,7 @@ def register(sub) -> None:
     p.add_argument("--no-evaluate", dest="evaluate", action="store_const", const=False, help="skip UA/RA/TA/MIA")
     p.add_argument("--mia-shadow-size", type=int, help="subsample the MIA's shadow sets to this size")
     p.add_argument("--out", help="output folder (default runs/unlearn-<method>-<timestamp>)")
+    add_distributed_args(p)
     p.set_defaults(handler=run_unlearn)
 
     p = sub.add_parser("evaluate", help="UA, RA, TA, MIA-Efficacy of a checkpoint (and gaps to a Retrain one)")
@@ -264,11 +269,15 @@ def _setup(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _options(args: argparse.Namespace, checkpoint_dir: Path | None = None):
+def _options(args: argparse.Namespace, checkpoint_dir: Path | None = None, ctx=None):
+    """RunOptions from the flags; under torchrun (ctx distributed) the rank's device, DDP and the mask group."""
     from salun_ext.unlearn import RunOptions
 
+    distributed = ctx is not None and ctx.is_distributed
     return RunOptions(
-        device=args.device,
+        device=str(ctx.device) if ctx is not None else args.device,
+        distributed=ctx.engine_mode if distributed else "none",
+        process_group=ctx.group if distributed else None,
         seed=args.seed,
         amp=args.amp,
         channels_last=bool(args.channels_last),
@@ -364,12 +373,18 @@ def _clean_errors(handler):
 
 @_clean_errors
 def run_train(args: argparse.Namespace) -> int:
+
+    args = _setup(args)
+    with distributed_session(args) as ctx:
+        return _train(args, ctx)
+
+
+def _train(args: argparse.Namespace, ctx) -> int:
     from salun_ext.data import dataset_key, train_val_split
     from salun_ext.evaluation import accuracy, write_json
     from salun_ext.models import ModelSpec, save_classifier
     from salun_ext.unlearn import OriginalTrainConfig, train_classifier
 
-    args = _setup(args)
     preset = _preset(args)
     train_full, test = _load_data(args)
     train_idx, val_idx = train_val_split(train_full.labels, args.val_fraction, args.split_seed)
@@ -389,8 +404,11 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/train-{dataset_key(args.dataset)}-{model_name}/model.safetensors")
     model = spec.build()
     info = train_classifier(
-        model, train_full.subset(train_idx), config, _options(args, out.parent / "ckpt"), augment=_augment(args)
+        model, train_full.subset(train_idx), config, _options(args, out.parent / "ckpt", ctx), augment=_augment(args)
     )
+    if not ctx.is_main:  # rank 0 evaluates and writes; the others wait for it (the group closes together)
+        ctx.barrier()
+        return 0
     record = {
         "dataset": dataset_key(args.dataset),
         "model": dataclasses.asdict(spec),
@@ -410,11 +428,12 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained {spec.describe()} in {info['seconds']:.1f} s: train {record['train_accuracy']:.2f}%, test "
         f"{record['test_accuracy']:.2f}% -> {out}"
     )
+    ctx.barrier()
     return 0
 
 
-def _model_and_split(args: argparse.Namespace):
-    """The --checkpoint model (on --device), its spec, and the forget split the options describe."""
+def _model_and_split(args: argparse.Namespace, device=None):
+    """The --checkpoint model (on `device`, default --device), its spec, and the forget split the options describe."""
     from salun_ext.models import load_classifier
     from salun_ext.utils import resolve_device
 
@@ -422,21 +441,34 @@ def _model_and_split(args: argparse.Namespace):
         raise ValueError(f"`{args.command}` needs --checkpoint (a model written by `salun-ext train`)")
     model, spec, _ = load_classifier(args.checkpoint)
     split = _load_split(args, spec)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if device is None else device
     return model.to(device), spec, split, device
 
 
 @_clean_errors
 def run_mask(args: argparse.Namespace) -> int:
     from salun_ext.data import Batches
-    from salun_ext.evaluation import write_json
     from salun_ext.unlearn import forget_saliency
 
     args = _setup(args)
-    model, _, split, device = _model_and_split(args)
-    forget = split.forget.to(device)
-    batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=False)
-    masks = forget_saliency(model, batches, [float(r) for r in args.ratios], progress=bool(args.progress))
+    with distributed_session(args) as ctx:
+        model, _, split, device = _model_and_split(args, ctx.device)
+        forget = split.forget.to(device)
+        batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=False)
+        # under torchrun every rank takes the whole forget set and the ranking is shared: the one-process mask
+        group = ctx.group if ctx.is_distributed else None
+        masks = forget_saliency(
+            model, batches, [float(r) for r in args.ratios], progress=bool(args.progress), process_group=group
+        )
+        if ctx.is_main:
+            _write_masks(args, split, masks)
+        ctx.barrier()
+    return 0
+
+
+def _write_masks(args: argparse.Namespace, split, masks) -> None:
+    from salun_ext.evaluation import write_json
+
     out = Path(args.out or Path(args.checkpoint).parent / "masks")
     out.mkdir(parents=True, exist_ok=True)
     for ratio, mask in zip(args.ratios, masks):
@@ -447,20 +479,27 @@ def run_mask(args: argparse.Namespace) -> int:
     write_json(
         {"checkpoint": str(args.checkpoint), "split": split.describe(), "ratios": list(args.ratios)}, out / "mask.json"
     )
-    return 0
 
 
 @_clean_errors
 def run_unlearn(args: argparse.Namespace) -> int:
+
+    args = _setup(args)
+    if not args.method:
+        raise ValueError("`unlearn` needs --method (e.g. salun)")
+    with distributed_session(args) as ctx:
+        code = _unlearn(args, ctx)
+        ctx.barrier()  # the other ranks wait while rank 0 evaluates and writes
+    return code
+
+
+def _unlearn(args: argparse.Namespace, ctx) -> int:
     from salun_ext.evaluation import evaluate_unlearning, write_json
     from salun_ext.mask import SaliencyMask
     from salun_ext.models import save_classifier
     from salun_ext.unlearn import UnlearnData, get_method, method_key
 
-    args = _setup(args)
-    if not args.method:
-        raise ValueError("`unlearn` needs --method (e.g. salun)")
-    model, spec, split, _ = _model_and_split(args)
+    model, spec, split, _ = _model_and_split(args, ctx.device)
     preset = _preset(args)
     name = method_key(args.method)
     params = {**preset.get("methods", {}).get(name, {}), **parse_assignments(args.set or [], qualified=False)}
@@ -477,7 +516,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or preset.get("batch_size", 256),
         augment=_augment(args),
     )
-    result = method.run(model, data, _options(args, out / "ckpt"), mask=mask)
+    result = method.run(model, data, _options(args, out / "ckpt", ctx), mask=mask)
+    if not ctx.is_main:
+        return 0
     record = {
         "method": name,
         "label": method.label,
@@ -497,9 +538,13 @@ def run_unlearn(args: argparse.Namespace) -> int:
         )
         _print_metrics(record["metrics"])
     save_classifier(out / "model.safetensors", model, spec, extra={"method": name})
+    written = "model.safetensors, run.json"
+    if result.mask is not None:  # the mask the method computed (SalUn without --mask)
+        result.mask.save(out / "mask.safetensors")
+        written += ", mask.safetensors"
     write_json(record, out / "run.json")
     shutil.rmtree(out / "ckpt", ignore_errors=True)
-    print(f"-> {out}/model.safetensors, run.json")
+    print(f"-> {out}/{written}")
     return 0
 
 
@@ -508,6 +553,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from salun_ext.evaluation import avg_gap, evaluate_unlearning, gaps, write_json
     from salun_ext.models import load_classifier
 
+    single_process_only("evaluate")
     args = _setup(args)
     model, spec, split, device = _model_and_split(args)
     metrics = evaluate_unlearning(
@@ -590,6 +636,7 @@ def build_experiment_config(args: argparse.Namespace):
 def run_reproduce(args: argparse.Namespace) -> int:
     from salun_ext.experiment import reproduce
 
+    single_process_only("reproduce")
     args = _setup(args)
     reproduce(build_experiment_config(args))
     return 0

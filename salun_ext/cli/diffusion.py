@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from salun_ext.cli.distributed_args import add_distributed_args, distributed_session, single_process_only
+
 
 def register(sub) -> None:
     p = sub.add_parser("diffusion", help="generation unlearning: class-conditional DDPM and Stable Diffusion")
@@ -36,6 +38,7 @@ def register(sub) -> None:
     train.add_argument("--subset", type=int, default=None, help="train on N random examples only (quick runs)")
     train.add_argument("--out", required=True, help="output model folder")
     _checkpointing(train)
+    add_distributed_args(train)
     train.set_defaults(handler=run_train)
 
     mask = cmds.add_parser("mask", help="SalUn saliency mask of the forget set's guided noise-prediction loss")
@@ -46,6 +49,7 @@ def register(sub) -> None:
     mask.add_argument("--guidance", type=float, default=None, help="guidance s (default: DDPM 3.0, SD 8.5)")
     mask.add_argument("--batch-size", type=int, default=None, help="default: DDPM 128, SD 8")
     mask.add_argument("--out", required=True, help="mask file (.safetensors); several ratios: {ratio} in the name")
+    add_distributed_args(mask)
     mask.set_defaults(handler=run_mask)
 
     unlearn = cmds.add_parser("unlearn", help="unlearn with SalUn or a baseline (GA, ESD-x/-u, FMN, Retrain)")
@@ -65,6 +69,7 @@ def register(sub) -> None:
     unlearn.add_argument("--fmn-concept", default=None, help="FMN: the concept's words inside the forget prompt")
     unlearn.add_argument("--out", required=True, help="output folder (DDPM folder or SD pipeline folder)")
     _checkpointing(unlearn)
+    add_distributed_args(unlearn)
     unlearn.set_defaults(handler=run_unlearn)
 
     sample = cmds.add_parser("sample", help="generate images (a PNG grid, optionally the single images)")
@@ -168,20 +173,22 @@ def _fail(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _load_ddpm(args):
+def _load_ddpm(args, device=None):
     from salun_ext.diffusion.ddpm import ClassConditionalDDPM
     from salun_ext.utils import resolve_device
 
-    return ClassConditionalDDPM.from_pretrained(args.model, resolve_device(args.device))
+    return ClassConditionalDDPM.from_pretrained(
+        args.model, device if device is not None else resolve_device(args.device)
+    )
 
 
-def _load_sd(args):
+def _load_sd(args, device=None):
     from salun_ext.diffusion.stable_diffusion import StableDiffusion
 
     return StableDiffusion.from_pretrained(
         args.pipeline,
         dtype=args.dtype,
-        device=args.device,
+        device=str(device) if device is not None else args.device,
         gradient_checkpointing=args.gradient_checkpointing,
         attention_slicing=args.attention_slicing,
     )
@@ -202,6 +209,17 @@ def _ddpm_sets(args, model):
     if not args.forget_class:
         _fail("--forget-class is required for a DDPM")
     return forget_retain_sets(model, _ddpm_dataset(args, model), args.forget_class, target=args.target, seed=args.seed)
+
+
+def _sd_sets_in_turn(args, sd, ctx):
+    """_sd_sets under torchrun: rank 0 first (it generates and caches missing images in --data-dir), then the
+    others, which read that cache instead of writing the same files at the same time."""
+    if not ctx.is_main:
+        ctx.barrier()
+    sets = _sd_sets(args, sd)
+    if ctx.is_main:
+        ctx.barrier()
+    return sets
 
 
 def _sd_sets(args, sd):
@@ -245,6 +263,16 @@ def _sd_sets(args, sd):
 
 
 def run_train(args) -> int:
+    from salun_ext.diffusion.ddpm import PRESETS
+
+    if args.preset not in PRESETS:
+        _fail(f"unknown preset {args.preset!r}; available: {sorted(PRESETS)}")
+    with distributed_session(args) as ctx:
+        _train(args, ctx)
+    return 0
+
+
+def _train(args, ctx) -> None:
     import dataclasses
 
     import torch
@@ -254,8 +282,6 @@ def run_train(args) -> int:
     from salun_ext.diffusion.methods import EpsTask, run_task
     from salun_ext.engine import EngineConfig, OptimConfig
 
-    if args.preset not in PRESETS:
-        _fail(f"unknown preset {args.preset!r}; available: {sorted(PRESETS)}")
     dataset = load_dataset(args.dataset or "digits", args.data_root, train=True)
     config = dataclasses.replace(PRESETS[args.preset], channels=dataset.channels)
     if args.image_size:
@@ -274,7 +300,8 @@ def run_train(args) -> int:
         schedule="cosine",
         grad_clip=1.0,
         seed=args.seed,
-        device=args.device,
+        device=str(ctx.device),
+        distributed=ctx.engine_mode,
         progress=not args.no_progress,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -282,25 +309,36 @@ def run_train(args) -> int:
         desc="ddpm",
     )
     fit = run_task(model.unet, EpsTask(model.spec, data, batch_size=args.batch_size, seed=args.seed), engine)
-    model.save_pretrained(args.out)
-    _write_json(
-        Path(args.out) / "train_log.json", {"history": fit.history, "seconds": fit.seconds, "excluded": excluded}
-    )
-    print(f"trained {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
-    return 0
+    if ctx.is_main:
+        model.save_pretrained(args.out)
+        _write_json(
+            Path(args.out) / "train_log.json",
+            {"history": fit.history, "seconds": fit.seconds, "excluded": excluded, "world_size": ctx.world_size},
+        )
+        print(f"trained {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
+    ctx.barrier()
 
 
 def run_mask(args) -> int:
+    if len(args.ratio) > 1 and "{ratio}" not in args.out:
+        _fail("several --ratio values need '{ratio}' in --out (e.g. mask_{ratio}.safetensors)")
+    with distributed_session(args) as ctx:
+        _mask(args, ctx)
+    return 0
+
+
+def _mask(args, ctx) -> None:
     from salun_ext.diffusion.saliency import diffusion_saliency
 
     if args.model:
-        model = _load_ddpm(args)
+        model = _load_ddpm(args, ctx.device)
         unet, (forget, _) = model.unet, _ddpm_sets(args, model)
         spec, guidance, batch, clip = model.spec, args.guidance or 3.0, args.batch_size or 128, 1.0
     else:
-        sd = _load_sd(args)
-        spec, forget, _, _ = _sd_sets(args, sd)
+        sd = _load_sd(args, ctx.device)
+        spec, forget, _, _ = _sd_sets_in_turn(args, sd, ctx)
         unet, guidance, batch, clip = sd.unet, args.guidance or 8.5, args.batch_size or 8, None
+    # every rank makes the same seeded batches; the ranking is shared, so each holds the one-process mask
     masks = diffusion_saliency(
         unet,
         spec,
@@ -311,30 +349,36 @@ def run_mask(args) -> int:
         clip_grad_norm=clip,
         seed=args.seed,
         progress=not args.no_progress,
+        process_group=ctx.group if ctx.is_distributed else None,
     )
-    if len(masks) > 1 and "{ratio}" not in args.out:
-        _fail("several --ratio values need '{ratio}' in --out (e.g. mask_{ratio}.safetensors)")
-    for m in masks:
-        path = Path(args.out.format(ratio=m.ratio))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        m.save(path)
-        print(f"mask ratio {m.ratio}: {m.count()} of {m.numel} parameters salient -> {path}")
-    return 0
+    if ctx.is_main:
+        for m in masks:
+            path = Path(args.out.format(ratio=m.ratio))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            m.save(path)
+            print(f"mask ratio {m.ratio}: {m.count()} of {m.numel} parameters salient -> {path}")
+    ctx.barrier()
 
 
 def run_unlearn(args) -> int:
+    with distributed_session(args) as ctx:
+        _unlearn(args, ctx)
+    return 0
+
+
+def _unlearn(args, ctx) -> None:
     from salun_ext.diffusion.methods import unlearn
     from salun_ext.mask import SaliencyMask
 
     mask = SaliencyMask.load(args.mask) if args.mask else None
     fmn_columns = None
     if args.model:
-        model = _load_ddpm(args)
+        model = _load_ddpm(args, ctx.device)
         forget, retain = _ddpm_sets(args, model)
         unet, spec, setting = model.unet, model.spec, args.setting or "ddpm"
     else:
-        sd = _load_sd(args)
-        spec, forget, retain, forget_prompt = _sd_sets(args, sd)
+        sd = _load_sd(args, ctx.device)
+        spec, forget, retain, forget_prompt = _sd_sets_in_turn(args, sd, ctx)
         unet, setting = sd.unet, args.setting or ("sd-nsfw" if args.concept == "nudity" else "sd")
         if args.method == "fmn":
             concept = args.fmn_concept or (args.forget_class[0] if args.forget_class else None)
@@ -344,7 +388,8 @@ def run_unlearn(args) -> int:
     engine = dict(
         amp=args.amp,
         seed=args.seed,
-        device=args.device,
+        device=str(ctx.device),
+        distributed=ctx.engine_mode,
         progress=not args.no_progress,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -372,19 +417,19 @@ def run_unlearn(args) -> int:
         )
     except ValueError as exc:
         _fail(str(exc))
-    (model if args.model else sd).save_pretrained(args.out)
-    _write_json(
-        Path(args.out) / "unlearn_log.json",
-        {"method": args.method, "setting": setting, "history": fit.history, "seconds": fit.seconds, "mask": args.mask},
-    )
-    print(f"{args.method}: {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
-    return 0
+    if ctx.is_main:
+        (model if args.model else sd).save_pretrained(args.out)
+        log = {"method": args.method, "setting": setting, "history": fit.history, "seconds": fit.seconds}
+        _write_json(Path(args.out) / "unlearn_log.json", {**log, "mask": args.mask, "world_size": ctx.world_size})
+        print(f"{args.method}: {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
+    ctx.barrier()
 
 
 def run_sample(args) -> int:
     from salun_ext.diffusion.evaluation import save_grid
     from salun_ext.diffusion.stable_diffusion import save_images
 
+    single_process_only("diffusion sample")
     if args.model:
         model = _load_ddpm(args)
         classes = args.classes or list(range(model.num_classes))
@@ -417,6 +462,7 @@ def run_sample(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    single_process_only("diffusion evaluate")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.pipeline:
@@ -555,6 +601,7 @@ def run_demo(args) -> int:
     from salun_ext.diffusion.demo import DemoConfig
     from salun_ext.diffusion.demo import run_demo as demo
 
+    single_process_only("diffusion demo")
     cfg = DemoConfig(
         dataset=args.dataset,
         forget_class=args.forget_class,

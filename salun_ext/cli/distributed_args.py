@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 
 from salun_ext.distributed.runtime import DEFAULT_TIMEOUT_S, DistContext, configure_logging, init_distributed
@@ -33,6 +34,19 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a rank waiting longer than this for the others fails with an error (default %(default)s)",
     )
+
+
+def single_process_only(command: str) -> None:
+    """Fail at once, with a clear message, when a single-process command is started by torchrun (WORLD_SIZE > 1).
+
+    Without this each rank would run the whole command and write the same files concurrently.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        raise SystemExit(
+            f"salun-ext {command}: error: this command runs in one process only, but it was started with "
+            f"WORLD_SIZE={world}; run it without torchrun (see docs/distributed.md for the commands that support it)"
+        )
 
 
 @contextlib.contextmanager

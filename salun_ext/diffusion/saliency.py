@@ -15,6 +15,7 @@ Recipes (guidance in diffusers' convention s = 1 + w of the paper's code):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -58,8 +59,13 @@ def diffusion_saliency(
     reduction: str = "mean",
     seed: int = 0,
     progress: bool = True,
+    process_group: Any = None,
 ) -> SaliencyMask | list[SaliencyMask]:
-    """Saliency mask(s) over every parameter of `unet` from one pass over the forget set (see the module doc)."""
+    """Saliency mask(s) over every parameter of `unet` from one pass over the forget set (see the module doc).
+
+    process_group: every rank makes the same seeded batches and the ranking is shared over the group, so every
+    rank gets the one-process mask (compute_saliency's replicated_batches).
+    """
     device = next(unet.parameters()).device
     batches = list(saliency_batches(spec, forget, batch_size=batch_size, seed=seed, device=device))
     return compute_saliency(
@@ -70,4 +76,6 @@ def diffusion_saliency(
         params="all",
         clip_grad_norm=clip_grad_norm,
         progress=progress,
+        process_group=process_group,
+        replicated_batches=process_group is not None,
     )

@@ -41,6 +41,19 @@ class RunOptions:
     checkpoint_dir: str | None = None  # Engine checkpoints: an interrupted run resumes from here
     resume: bool = False
     progress: bool = True
+    # Under torchrun: "ddp" trains through the Engine's DistributedDataParallel (each rank takes its share of the
+    # batches of every epoch). Masks are then computed on the whole forget set on every rank and ranked over
+    # `process_group` (None: the default group), so every rank holds the one-process mask bit for bit.
+    distributed: str = "none"
+    process_group: Any = None
+
+    def mask_group(self) -> Any:
+        """The process group for compute_saliency: None in one process."""
+        if self.distributed == "none":
+            return None
+        import torch.distributed as dist
+
+        return self.process_group if self.process_group is not None else dist.group.WORLD
 
 
 @dataclasses.dataclass
@@ -108,6 +121,7 @@ class UnlearnResult:
     model: nn.Module
     seconds: float  # wall clock of the whole unlearning (mask computation included): the RTE
     info: dict[str, Any]
+    mask: SaliencyMask | None = None  # the mask a method computed itself (SalUn without a given mask)
 
     @property
     def minutes(self) -> float:
@@ -181,7 +195,8 @@ class UnlearnMethod(abc.ABC):
         _sync(device)
         seconds = time.perf_counter() - start
         model.eval()
-        return UnlearnResult(model, seconds, info)
+        computed = info.pop("mask", None)  # kept out of info, which reports serialise to JSON
+        return UnlearnResult(model, seconds, info, mask=computed)
 
     @abc.abstractmethod
     def unlearn(
@@ -255,6 +270,7 @@ def fit_task(
         resume=options.resume,
         progress=options.progress,
         desc=desc,
+        distributed=options.distributed,
     )
     return Engine(model, engine_cfg, mask=mask).fit(task)
 

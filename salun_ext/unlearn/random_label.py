@@ -102,16 +102,29 @@ def forget_saliency(
     ratios: float | list[float] = 0.5,
     *,
     progress: bool = False,
+    process_group: Any = None,
 ) -> SaliencyMask | list[SaliencyMask]:
     """SalUn's classification mask: |sum of the gradients of -CE over the forget set| at theta_0, in eval mode,
-    ranked globally over all parameters; mask = 1 for the top `ratio`."""
+    ranked globally over all parameters; mask = 1 for the top `ratio`.
+
+    process_group: every rank passes the same `forget` batches; the ranking is shared over the group and every
+    rank gets the one-process mask (see compute_saliency's replicated_batches)."""
 
     def forget_loss(m: nn.Module, batch) -> torch.Tensor:
         x, y = batch
         return -nn.functional.cross_entropy(m(x), y)
 
     return compute_saliency(
-        model, forget_loss, forget, ratios, reduction="abs_of_sum", params="all", train_mode=False, progress=progress
+        model,
+        forget_loss,
+        forget,
+        ratios,
+        reduction="abs_of_sum",
+        params="all",
+        train_mode=False,
+        progress=progress,
+        process_group=process_group,
+        replicated_batches=process_group is not None,
     )
 
 
@@ -140,12 +153,15 @@ class SalUn(UnlearnMethod):
         cfg: SalUnConfig = self.config
         if cfg.mask_mode not in ("strict", "compat"):
             raise ValueError(f"mask_mode must be 'strict' or 'compat', got {cfg.mask_mode!r}")
+        computed = None  # returned (as UnlearnResult.mask) only when computed here
         if mask is None:
             forget = self.loader(data, "forget", options, STREAM_FORGET, shuffle=False, augment=False)
-            mask = forget_saliency(model, forget, cfg.mask_ratio, progress=options.progress)
+            mask = computed = forget_saliency(
+                model, forget, cfg.mask_ratio, progress=options.progress, process_group=options.mask_group()
+            )
         task = _RandomLabelTask(data, self, options, cfg.order)
         result = self.fit(model, task, options, mask=mask, optim=cfg.optim(mask_mode=cfg.mask_mode))
-        return {"history": result.history, "mask_density": mask.density}
+        return {"history": result.history, "mask_density": mask.density, "mask": computed}
 
 
 @dataclasses.dataclass

@@ -46,3 +46,28 @@ def test_lm_unlearn_under_torchrun_then_resume_with_another_world_size_fails(tmp
     )
     assert single.returncode != 0
     assert "written by a run of 2 process(es) but this run has 1" in single.stderr
+
+
+def test_classification_train_and_salun_unlearn_under_torchrun(tmp_path):
+    """The classification CLI launched by a real torchrun: rank 0 alone prints and writes, the run completes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    common = ["--dataset", "digits", "--device", "cpu", "--no-progress", "--dist-backend", "gloo"]
+    model = tmp_path / "orig" / "model.safetensors"
+    for argv in (
+        ["train", "--epochs", "2", "--out", str(model)],
+        ["unlearn", "--checkpoint", str(model), "--method", "salun", "--forget-ratio", "0.1", "--set", "epochs=1"]
+        + ["--out", str(tmp_path / "u")],
+    ):
+        run = subprocess.run(
+            [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "salun_ext", *argv, *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert run.stdout.count(" -> ") == 1, run.stdout  # rank 0 alone reports (and writes)
+    assert "SalUn: unlearned" in run.stdout
+    assert model.exists()
+    assert (tmp_path / "u" / "mask.safetensors").exists()
+    assert not (tmp_path / "u" / "ckpt").exists()

@@ -26,7 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import baselines
 from benchmarks.grad_lists import DTYPES, heavy_tailed_grads, list_shapes, numel
 
-METHOD_ORDER = ["salun_ext", "cat_topk", "radix_bincount", "upstream_argsort"]
+# salun_ext = saliency_masks' default (method="auto": the window select above 64k elements); the _histogram and
+# _window rows force one path, so both are measured where it matters
+SALUN_EXT_PATHS = {"salun_ext": "auto", "salun_ext_histogram": "histogram", "salun_ext_window": "window"}
+METHOD_ORDER = [*SALUN_EXT_PATHS, "cat_topk", "radix_bincount", "upstream_argsort"]
+DEFAULT_METHODS = ["salun_ext", "salun_ext_histogram", "cat_topk", "radix_bincount", "upstream_argsort"]
 
 
 def _sync(device: str) -> None:
@@ -44,11 +48,11 @@ def run_method(method: str, grads, ratio: float, device: str, reps: int) -> dict
     from salun_ext.saliency import ratio_to_k
 
     k = ratio_to_k(ratio, sum(g.numel() for g in grads))
-    if method == "salun_ext":
+    if method in SALUN_EXT_PATHS:
         import salun_ext
 
         def fn():
-            return salun_ext.saliency_masks(grads, ratio)
+            return salun_ext.saliency_masks(grads, ratio, method=SALUN_EXT_PATHS[method])
     else:
         base_fn = baselines.METHODS[method]
 
@@ -107,7 +111,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--methods", default=",".join(METHOD_ORDER))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHOD_ORDER)}")
     p.add_argument("--skip-upstream-above", type=float, default=1.5e9, help="argsort of > 2^31 elements fails")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--child-list", help=argparse.SUPPRESS)

@@ -192,8 +192,16 @@ class SaliencyMask:
             if names
             else torch.zeros(0, dtype=torch.int32, device=self.device)
         )
-        out = self._replace(words=words, names=names, shapes=[self.shapes[self._index[n]] for n in names])
-        out.k = out.count()
+        idx = [self._index[n] for n in names]
+        shard = self.shard
+        if shard is not None:  # a shard's boxes follow the tensors; its global salient count is unknown here
+            shard = dataclasses.replace(
+                shard,
+                global_shapes=tuple(shard.global_shapes[i] for i in idx),
+                offsets=tuple(shard.offsets[i] for i in idx),
+            )
+        out = self._replace(words=words, names=names, shapes=[self.shapes[i] for i in idx], shard=shard)
+        out.k = out.count() if shard is None else None
         return out
 
     def _replace(self, **changes: Any) -> SaliencyMask:

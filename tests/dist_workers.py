@@ -525,6 +525,53 @@ def check_diffusion_cli_ddp(rank, world, ctx):
         assert torch.equal(p[~mask.dense(n)], after[n][~mask.dense(n)]), n
 
 
+def check_diffusion_cli_fsdp(rank, world, ctx):
+    """`salun-ext diffusion unlearn --fsdp` (FSDP2 UNet) on check_diffusion_cli_ddp's model and mask."""
+    from salun_ext.cli import main
+    from salun_ext.diffusion.ddpm import ClassConditionalDDPM
+    from salun_ext.mask import SaliencyMask
+
+    out = ctx["out"] / "ddpm"
+    fast = ["--no-progress", "--device", "cpu"]
+    model = ["--model", str(out / "orig"), "--forget-class", "3", "--batch-size", "8", "--fsdp", *fast]
+    argv = [
+        "diffusion",
+        "unlearn",
+        "--method",
+        "salun",
+        *model,
+        "--steps",
+        "2",
+        "--mask",
+        str(out / "mask.safetensors"),
+    ]
+    assert main([*argv, "--out", str(out / "salun_fsdp")]) == 0
+    mask = SaliencyMask.load(out / "mask.safetensors")
+    before = dict(ClassConditionalDDPM.from_pretrained(out / "orig").unet.named_parameters())
+    after = dict(ClassConditionalDDPM.from_pretrained(out / "salun_fsdp").unet.named_parameters())  # rank 0 wrote
+    ddp = dict(ClassConditionalDDPM.from_pretrained(out / "salun").unet.named_parameters())
+    assert before.keys() == after.keys()
+    moved = 0
+    for n, p in before.items():  # masked steps on the local shards: only salient weights moved
+        keep = ~mask.dense(n)
+        assert torch.equal(p[keep], after[n][keep]), n
+        moved += int((p != after[n]).sum())
+        # the same batches and averaged gradients as the DDP run, sharded: the same weights up to rounding
+        torch.testing.assert_close(after[n], ddp[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert moved > 0
+    # GA (no mask) shards too; one step is enough to see it train and save
+    ga = ["diffusion", "unlearn", "--method", "ga", *model, "--steps", "1", "--out", str(out / "ga_fsdp")]
+    assert main(ga) == 0
+    ga_after = dict(ClassConditionalDDPM.from_pretrained(out / "ga_fsdp").unet.named_parameters())
+    assert any(not torch.equal(before[n], ga_after[n]) for n in before)
+    try:  # ESD would deep-copy the sharded UNet: refused before anything is loaded
+        main(["diffusion", "unlearn", "--method", "esd-x", *model, "--out", str(out / "esd_fsdp")])
+    except SystemExit as exc:
+        assert "--fsdp supports --method salun / ga" in str(exc), exc
+    else:
+        raise AssertionError("esd-x ran under --fsdp")
+
+
 def check_timeout(rank, world, ctx):
     """A rank that never joins: the others raise DistributedError after the timeout instead of hanging."""
     import salun_ext

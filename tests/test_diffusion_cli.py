@@ -172,3 +172,9 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "original" / "salun_ddpm.json").exists() and (tmp_path / "unlearned" / "unet").is_dir()
     assert "UA on the forgotten class" in (tmp_path / "results.md").read_text()
+
+
+def test_fsdp_needs_a_torchrun_start(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: --fsdp is refused before anything is loaded
+    with pytest.raises(SystemExit, match="--fsdp shards the UNet over the processes of a torchrun start"):
+        run("unlearn --model m --method salun --fsdp --forget-class 3 --out x")

@@ -31,6 +31,7 @@ WORLD2_CHECKS = [
     "lm_cli_ddp",
     "classification_cli_ddp",
     "diffusion_cli_ddp",
+    "diffusion_cli_fsdp",  # after diffusion_cli_ddp: it reuses that model and mask
     "timeout",
     "peer_crash",  # last: rank 1 dies
 ]

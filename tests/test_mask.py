@@ -188,3 +188,22 @@ def test_constructor_validation():
         SaliencyMask(torch.zeros(8, dtype=torch.int32), ["a"], [(3,)])
     with pytest.raises(TypeError, match="int32"):
         SaliencyMask(torch.zeros(4, dtype=torch.int64), ["a"], [(3,)])
+
+
+def test_subset_of_a_shard_keeps_each_tensors_box():
+    """A rank's shard restricted to some tensors (ESD-x's parameters, ...) keeps their global shapes and offsets."""
+    from salun_ext.mask import MaskShard
+
+    shard = MaskShard(1, 2, (torch.Size([4]), torch.Size([4, 2])), ((2,), (2, 0)))
+    bits = torch.tensor([True, False, True, True, False, False])
+    mask = SaliencyMask(
+        torch.cat([_mask_layout.pack_bits(bits[:2]), _mask_layout.pack_bits(bits[2:])]),
+        ["a", "b"],
+        [(2,), (2, 2)],
+        k=5,
+        shard=shard,
+    )
+    sub = mask.subset(["b"])
+    assert sub.shard.global_shapes == (torch.Size([4, 2]),) and sub.shard.offsets == ((2, 0),)
+    assert torch.equal(sub.dense("b"), bits[2:].view(2, 2))
+    assert sub.k is None  # the subset's global count would need the other ranks

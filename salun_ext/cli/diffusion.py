@@ -70,6 +70,11 @@ def register(sub) -> None:
     unlearn.add_argument("--out", required=True, help="output folder (DDPM folder or SD pipeline folder)")
     _checkpointing(unlearn)
     add_distributed_args(unlearn)
+    unlearn.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun (2+ processes): shard the UNet with FSDP2 instead of DDP replicas (salun, ga)",
+    )
     unlearn.set_defaults(handler=run_unlearn)
 
     sample = cmds.add_parser("sample", help="generate images (a PNG grid, optionally the single images)")
@@ -360,8 +365,20 @@ def _mask(args, ctx) -> None:
     ctx.barrier()
 
 
+# ESD deep-copies the UNet as its frozen teacher and retrain re-initialises it in place: neither is written for a
+# sharded UNet. FMN is not run under FSDP2 by any test (it needs Stable Diffusion).
+FSDP_METHODS = ("salun", "ga")
+
+
 def run_unlearn(args) -> int:
     with distributed_session(args) as ctx:
+        if args.fsdp and not ctx.is_distributed:
+            _fail(
+                "--fsdp shards the UNet over the processes of a torchrun start (2 or more); with one process use "
+                "the plain command (drop --fsdp)"
+            )
+        if args.fsdp and args.method not in FSDP_METHODS:
+            _fail(f"--fsdp supports --method {' / '.join(FSDP_METHODS)}, not {args.method!r}; use DDP (drop --fsdp)")
         _unlearn(args, ctx)
     return 0
 
@@ -370,7 +387,6 @@ def _unlearn(args, ctx) -> None:
     from salun_ext.diffusion.methods import unlearn
     from salun_ext.mask import SaliencyMask
 
-    mask = SaliencyMask.load(args.mask) if args.mask else None
     fmn_columns = None
     if args.model:
         model = _load_ddpm(args, ctx.device)
@@ -385,11 +401,21 @@ def _unlearn(args, ctx) -> None:
             if not concept:
                 _fail("FMN needs --fmn-concept: the concept's words inside the forget prompt")
             fmn_columns = sd.token_columns(forget_prompt, concept)
+    if args.fsdp:
+        from salun_ext.diffusion.methods import shard_unet
+        from salun_ext.distributed import load_mask
+
+        unet_class = type(unet)  # fully_shard swaps the class for an FSDP subclass: keep the plain one for saving
+        shard_unet(unet)  # the text encoder and VAE (SD) stay whole on every rank: they are frozen
+        # each rank keeps only its shards' bits of a consolidated mask (a per-rank shard file is read as is)
+        mask = load_mask(args.mask, params=unet.named_parameters()) if args.mask else None
+    else:
+        mask = SaliencyMask.load(args.mask) if args.mask else None
     engine = dict(
         amp=args.amp,
         seed=args.seed,
         device=str(ctx.device),
-        distributed=ctx.engine_mode,
+        distributed="fsdp" if args.fsdp else ctx.engine_mode,
         progress=not args.no_progress,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -417,12 +443,26 @@ def _unlearn(args, ctx) -> None:
         )
     except ValueError as exc:
         _fail(str(exc))
+    if args.fsdp:
+        _unshard_for_saving(unet, unet_class, model if args.model else sd.pipe)
     if ctx.is_main:
         (model if args.model else sd).save_pretrained(args.out)
         log = {"method": args.method, "setting": setting, "history": fit.history, "seconds": fit.seconds}
         _write_json(Path(args.out) / "unlearn_log.json", {**log, "mask": args.mask, "world_size": ctx.world_size})
         print(f"{args.method}: {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
     ctx.barrier()
+
+
+def _unshard_for_saving(unet, unet_class, owner) -> None:
+    """Collective: gather the FSDP2 UNet's full weights to rank 0, which swaps a plain UNet holding them into
+    `owner` (the DDPM / the SD pipeline) so that save_pretrained writes an ordinary, loadable model."""
+    from salun_ext.distributed.checkpoint import full_state_dict
+
+    state = full_state_dict(unet)  # every rank takes part; only rank 0 gets the tensors (on CPU)
+    if state:
+        plain = unet_class.from_config(unet.config)
+        plain.load_state_dict(state)
+        owner.unet = plain
 
 
 def run_sample(args) -> int:

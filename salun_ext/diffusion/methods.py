@@ -555,6 +555,27 @@ def run_task(
             on_done()
 
 
+def shard_unet(unet: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` each down / mid / up block, then the root (stem, embeddings, output conv).
+
+    Per-block units keep one block's full parameters gathered at a time (the memory FSDP2 is for); the root unit
+    holds the small rest. Call on every rank before building the Engine (distributed="fsdp"). `mesh`: a 1-D
+    DeviceMesh (default: all ranks, on the UNet's device type, so CPU/gloo runs do not pick a CUDA mesh).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh is None:
+        mesh = init_device_mesh(next(unet.parameters()).device.type, (dist.get_world_size(),))
+    blocks = [*getattr(unet, "down_blocks", []), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", [])]
+    for block in blocks:
+        if block is not None:
+            fully_shard(block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+    return unet
+
+
 def make_task(
     method: str,
     spec: DiffusionSpec,

@@ -526,12 +526,20 @@ def check_diffusion_cli_ddp(rank, world, ctx):
 
 
 def check_diffusion_cli_fsdp(rank, world, ctx):
-    """`salun-ext diffusion unlearn --fsdp` (FSDP2 UNet) on check_diffusion_cli_ddp's model and mask."""
+    """`salun-ext diffusion mask|unlearn --fsdp` (FSDP2 UNet) on check_diffusion_cli_ddp's model and mask."""
     from salun_ext.cli import main
     from salun_ext.diffusion.ddpm import ClassConditionalDDPM
     from salun_ext.mask import SaliencyMask
 
     out = ctx["out"] / "ddpm"
+    # the mask of the sharded UNet (DTensor gradients -> each rank's shard, consolidated on rank 0) = the DDP run's,
+    # which test_distributed.py compares with one process's
+    argv = ["diffusion", "mask", "--model", str(out / "orig"), *DDPM_MASK, "--fsdp"]
+    assert main([*argv, "--out", str(out / "mask_fsdp.safetensors")]) == 0
+    a, b = SaliencyMask.load(out / "mask_fsdp.safetensors"), SaliencyMask.load(out / "mask.safetensors")
+    assert a.shard is None and a.equal(b) and a.k == b.k
+    # the gradient-norm clip sums shard norms in another order than one process: the k-th |g| differs by rounding
+    assert abs(a.threshold - b.threshold) <= 1e-5 * abs(b.threshold), (a.threshold, b.threshold)
     fast = ["--no-progress", "--device", "cpu"]
     model = ["--model", str(out / "orig"), "--forget-class", "3", "--batch-size", "8", "--fsdp", *fast]
     argv = [

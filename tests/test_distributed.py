@@ -122,8 +122,12 @@ def test_diffusion_cli_mask_under_ddp_equals_the_one_process_mask(world2, tmp_pa
     from salun_ext.cli import main
 
     _assert_ok(world2, "diffusion_cli_ddp")
+    _assert_ok(world2, "diffusion_cli_fsdp")
     ddpm = SESSION_DIRS[2] / "ddpm"
     argv = ["diffusion", "mask", "--model", str(ddpm / "orig"), *dist_workers.DDPM_MASK]
     assert main([*argv, "--out", str(tmp_path / "mask.safetensors")]) == 0
     a, b = SaliencyMask.load(tmp_path / "mask.safetensors"), SaliencyMask.load(ddpm / "mask.safetensors")
     assert a.equal(b) and (a.k, a.threshold) == (b.k, b.threshold)
+    # FSDP2 shards: the same bits; the threshold (k-th |g|) only up to the rounding of the sharded clip norm
+    c = SaliencyMask.load(ddpm / "mask_fsdp.safetensors")
+    assert a.equal(c) and a.k == c.k and c.threshold == pytest.approx(a.threshold, rel=1e-5)

@@ -50,6 +50,7 @@ def register(sub) -> None:
     mask.add_argument("--batch-size", type=int, default=None, help="default: DDPM 128, SD 8")
     mask.add_argument("--out", required=True, help="mask file (.safetensors); several ratios: {ratio} in the name")
     add_distributed_args(mask)
+    _fsdp_flag(mask, "(the mask file is the same)")
     mask.set_defaults(handler=run_mask)
 
     unlearn = cmds.add_parser("unlearn", help="unlearn with SalUn or a baseline (GA, ESD-x/-u, FMN, Retrain)")
@@ -70,11 +71,7 @@ def register(sub) -> None:
     unlearn.add_argument("--out", required=True, help="output folder (DDPM folder or SD pipeline folder)")
     _checkpointing(unlearn)
     add_distributed_args(unlearn)
-    unlearn.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun (2+ processes): shard the UNet with FSDP2 instead of DDP replicas (salun, ga)",
-    )
+    _fsdp_flag(unlearn, "(methods salun, ga)")
     unlearn.set_defaults(handler=run_unlearn)
 
     sample = cmds.add_parser("sample", help="generate images (a PNG grid, optionally the single images)")
@@ -169,6 +166,22 @@ def _checkpointing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="write engine checkpoints here")
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs (or steps for step-bounded runs)")
     p.add_argument("--resume", action="store_true", help="resume from --checkpoint-dir")
+
+
+def _fsdp_flag(p: argparse.ArgumentParser, note: str) -> None:
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help=f"under torchrun (2+ processes): shard the UNet with FSDP2 instead of whole replicas {note}",
+    )
+
+
+def _check_fsdp(args, ctx) -> None:
+    if args.fsdp and not ctx.is_distributed:
+        _fail(
+            "--fsdp shards the UNet over the processes of a torchrun start (2 or more); with one process use "
+            "the plain command (drop --fsdp)"
+        )
 
 
 def _fail(msg: str) -> None:
@@ -328,12 +341,14 @@ def run_mask(args) -> int:
     if len(args.ratio) > 1 and "{ratio}" not in args.out:
         _fail("several --ratio values need '{ratio}' in --out (e.g. mask_{ratio}.safetensors)")
     with distributed_session(args) as ctx:
+        _check_fsdp(args, ctx)
         _mask(args, ctx)
     return 0
 
 
 def _mask(args, ctx) -> None:
     from salun_ext.diffusion.saliency import diffusion_saliency
+    from salun_ext.distributed import gather_mask
 
     if args.model:
         model = _load_ddpm(args, ctx.device)
@@ -343,7 +358,12 @@ def _mask(args, ctx) -> None:
         sd = _load_sd(args, ctx.device)
         spec, forget, _, _ = _sd_sets_in_turn(args, sd, ctx)
         unet, guidance, batch, clip = sd.unet, args.guidance or 8.5, args.batch_size or 8, None
-    # every rank makes the same seeded batches; the ranking is shared, so each holds the one-process mask
+    if args.fsdp:
+        from salun_ext.diffusion.methods import shard_unet
+
+        shard_unet(unet)  # the gradients are then DTensor shards, and each rank's mask its shard of the mask
+    # every rank makes the same seeded batches; the ranking is shared, so each holds the one-process mask (or its
+    # shard of it under --fsdp)
     masks = diffusion_saliency(
         unet,
         spec,
@@ -356,12 +376,13 @@ def _mask(args, ctx) -> None:
         progress=not args.no_progress,
         process_group=ctx.group if ctx.is_distributed else None,
     )
-    if ctx.is_main:
-        for m in masks:
+    for m in masks:
+        full = gather_mask(m, ctx.group) if m.shard is not None else m  # --fsdp: shards -> rank 0 (collective)
+        if ctx.is_main:
             path = Path(args.out.format(ratio=m.ratio))
             path.parent.mkdir(parents=True, exist_ok=True)
-            m.save(path)
-            print(f"mask ratio {m.ratio}: {m.count()} of {m.numel} parameters salient -> {path}")
+            full.save(path)
+            print(f"mask ratio {m.ratio}: {full.count()} of {full.numel} parameters salient -> {path}")
     ctx.barrier()
 
 
@@ -372,11 +393,7 @@ FSDP_METHODS = ("salun", "ga")
 
 def run_unlearn(args) -> int:
     with distributed_session(args) as ctx:
-        if args.fsdp and not ctx.is_distributed:
-            _fail(
-                "--fsdp shards the UNet over the processes of a torchrun start (2 or more); with one process use "
-                "the plain command (drop --fsdp)"
-            )
+        _check_fsdp(args, ctx)
         if args.fsdp and args.method not in FSDP_METHODS:
             _fail(f"--fsdp supports --method {' / '.join(FSDP_METHODS)}, not {args.method!r}; use DDP (drop --fsdp)")
         _unlearn(args, ctx)

@@ -37,10 +37,10 @@ log "masked optimizer steps"
 timeout 300 $PY benchmarks/optim_table.py --device cuda --lists resnet18_cifar,sd15_unet \
   --json "$OUT/optim.json" 2>/dev/null | tee -a "$OUT/summary.txt"
 
-for extra in benchmarks/epoch_time.py benchmarks/diffusion_gpu.py benchmarks/distributed_gpu.py; do
-  if [ -f "$extra" ]; then
-    log "$extra"
-    timeout 240 $PY "$extra" --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/summary.txt"
-  fi
-done
+log "classification: ResNet-18 epoch on CIFAR-10-shaped data, SalUn RTE, Retrain (benchmarks/epoch_time.py)"
+timeout 240 $PY benchmarks/epoch_time.py --amp bf16 --channels-last --out "$OUT/epoch_time.json" 2>&1 | tail -20 \
+  | tee -a "$OUT/summary.txt"
+# diffusers is not installed there: put its wheel (and huggingface_hub's) in .whl/ and carry it
+log "generation: SD-sized UNet mask + masked step (benchmarks/diffusion_gpu.py)"
+timeout 240 $PY benchmarks/diffusion_gpu.py --json "$OUT/diffusion_gpu.json" 2>&1 | tail -20 | tee -a "$OUT/summary.txt"
 log "done in $(( $(date +%s) - start ))s"

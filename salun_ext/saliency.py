@@ -496,7 +496,8 @@ def compute_saliency(
         replicated_batches: with a plain module and `process_group`, every rank iterates the SAME batches, so its
             summed gradients already are the global ones: they are ranked as replicated tensors (each element
             counted once, the ranking work split over the ranks) without an all-reduce. The mask then equals the
-            one-process mask bit for bit (no change of summation order), provided the kernels are deterministic.
+            one-process mask bit for bit (no change of summation order) when the kernels are deterministic.
+            Rank 0's sums are broadcast first, so the ranks always agree on one mask even when they are not.
     The parameters' `.grad` are cleared on return.
     """
     from tqdm.auto import tqdm
@@ -559,9 +560,16 @@ def compute_saliency(
         raise ValueError("compute_saliency: 'batches' yielded no batch" + (" on any rank" if process_group else ""))
     # a parameter the loss never reached has a zero gradient; it still takes part in the ranking
     sums = accum if own_buffers else {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named}
-    if process_group is not None and not replicated_batches and not _is_ddp(model) and not _has_dtensor(sums):
-        for g in sums.values():  # each rank summed its own batches: one all-reduce makes the global sum
-            g.copy_(comm.all_reduce(g.float() if g.dtype == torch.bfloat16 else g).to(g.device, g.dtype))
+    # DDP already all-reduced the gradients; DTensor shards are ranked where they are
+    plain_module = process_group is not None and not _is_ddp(model) and not _has_dtensor(sums)
+    for g in sums.values() if plain_module else ():
+        wire = g.float() if g.dtype == torch.bfloat16 else g  # gloo has no bf16 collectives
+        if replicated_batches:
+            # the ranks summed the same batches, but nothing guarantees bit-identical sums (non-deterministic
+            # CUDA kernels, other thread counts): rank 0's sums, shared once, make every rank rank the same numbers
+            g.copy_(comm.broadcast(wire).to(g.device, g.dtype))
+        else:  # each rank summed its own batches: one all-reduce makes the global sum
+            g.copy_(comm.all_reduce(wire).to(g.device, g.dtype))
     magnitudes = {n: (g.abs_() if reduction == "abs_of_sum" else g) for n, g in sums.items()}
     for _, p in named:
         p.grad = None

@@ -275,6 +275,17 @@ def check_compute_saliency(rank, world, ctx):
         model_fn(), loss_fn, mine, RATIOS, reduction="sum_of_abs", process_group=dist.group.WORLD
     )
     _assert_same(salun_ext.compute_saliency(model_fn(), loss_fn, batches, RATIOS, reduction="sum_of_abs"), sums, "soa")
+    # replicated batches: ranked as copies (no sum over ranks), and rank 0's sums win even when a rank's differ
+    # (as non-deterministic kernels could make them): every rank gets the one-process mask of rank 0's data
+    got = salun_ext.compute_saliency(
+        model_fn(), loss_fn, batches, RATIOS, process_group=dist.group.WORLD, replicated_batches=True
+    )
+    _assert_same(reference, got, "replicated batches")
+    skewed = [b + rank * torch.linspace(0, 5, 6) for b in batches]  # rank 1's gradients differ
+    got = salun_ext.compute_saliency(
+        model_fn(), loss_fn, skewed, RATIOS, process_group=dist.group.WORLD, replicated_batches=True
+    )
+    _assert_same(reference, got, "replicated batches, rank 0's sums broadcast")
     ddp = DistributedDataParallel(model_fn())
     # identical batches on every rank: DDP's average equals each rank's gradient
     got = salun_ext.compute_saliency(ddp, loss_fn, batches, RATIOS, process_group=dist.group.WORLD)

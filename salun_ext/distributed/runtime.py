@@ -257,6 +257,15 @@ class Collectives:
         self._wait(lambda: dist.all_reduce(t, group=self.group, async_op=True))
         return t
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Group rank `src`'s tensor on every rank (returns a tensor on the communication device)."""
+        t = t.to(self.device).contiguous()
+        if self.rank == src:
+            self._account(t)
+        root = dist.get_global_rank(self.group, src) if self.group is not None else src
+        self._wait(lambda: dist.broadcast(t, src=root, group=self.group, async_op=True))
+        return t
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[world, *t.shape]: every rank's tensor (same shape and dtype on every rank)."""
         t = t.to(self.device).contiguous()

@@ -33,9 +33,13 @@ Method = str  # "auto" | "histogram" | "window"
 
 # The window select (one pass when a sample brackets the threshold) pays off above this many elements.
 WINDOW_MIN_ELEMENTS = 1 << 16
-# Candidate buffers: 12 bytes per candidate, within the extra-memory budget of each device kind.
+# Candidate buffers (12 bytes per candidate) are sized per k: WINDOW_HEADROOM x the window's expected count (from
+# the sample) + WINDOW_SLACK, never above WINDOW_CAPACITY (the extra-memory budget of each device kind). A window
+# that overflows its buffer falls back to the exact histogram path, so the sizing only affects speed and memory.
 WINDOW_CAPACITY = {"cuda": 5 << 20, "cpu": 1 << 20}
-WINDOW_SAMPLES = {"cuda": 1 << 20, "cpu": 1 << 15}
+WINDOW_HEADROOM = 2.0
+WINDOW_SLACK = 1 << 14
+WINDOW_SAMPLES = {"cuda": 1 << 20, "cpu": 1 << 16}
 WINDOW_SIGMAS = 3.5  # half-width of the bracket, in binomial standard deviations of the sample rank
 GradsLike = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]
 
@@ -204,7 +208,6 @@ def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[
     sample = torch.ops.salun_ext.sample_keys(tensors, WINDOW_SAMPLES[device_kind], nan_as_zero)
     sample = torch.sort(sample.long(), descending=True).values.cpu()
     n_sample = sample.numel()
-    capacity = min(total, WINDOW_CAPACITY[device_kind])
     out: list[tuple[torch.Tensor, Threshold] | None] = []
     for k in ks:
         if k == 0:
@@ -216,6 +219,8 @@ def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[
         hi_rank, lo_rank = math.floor(center) - margin, math.ceil(center) + margin
         hi_key = int(sample[hi_rank]) if hi_rank >= 0 else _reference.NAN_KEY
         lo_key = int(sample[lo_rank]) if lo_rank < n_sample else 0
+        expected = (min(lo_rank, n_sample - 1) - max(hi_rank, 0) + 1) / n_sample * total
+        capacity = min(total, WINDOW_CAPACITY[device_kind], math.ceil(WINDOW_HEADROOM * expected) + WINDOW_SLACK)
         words, counts, cand_keys, cand_pos = torch.ops.salun_ext.window_select(
             tensors, lo_key, hi_key, capacity, nan_as_zero
         )
@@ -228,7 +233,7 @@ def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[
             )
             out.append(None)
             continue
-        keys = cand_keys[:inside].long()
+        keys = cand_keys[:inside]  # 31-bit keys: int32 compares and selects like int64, at half the memory
         pos = cand_pos[:inside]
         r = k - above
         key = _select_kth(keys, r)

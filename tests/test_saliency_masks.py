@@ -347,6 +347,18 @@ def test_window_falls_back_to_histograms_when_the_bracket_misses(monkeypatch, ca
         assert g.equal(e)
 
 
+def test_window_buffers_sized_from_the_sample_hold_the_window(caplog):
+    # the candidate buffer is sized per k from the sample (memory budget): it must still hold typical windows,
+    # or every mask would silently pay for the histogram fallback
+    tensors = nasty_list([400_000, 300_000, 5_000], "heavy", [torch.float32], seed=4)
+    ratios = [0.001, 0.1, 0.5, 0.9, 0.999]
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, ratios, method="window")
+    assert "window select missed" not in caplog.text
+    for g, e in zip(got, salun_ext.saliency_masks(tensors, ratios, method="histogram")):
+        assert g.equal(e) and g.threshold == e.threshold
+
+
 def test_window_nan_is_reported():
     g = {"w": torch.randn(100_000)}
     g["w"][77] = float("nan")

@@ -220,6 +220,10 @@ def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[
         hi_key = int(sample[hi_rank]) if hi_rank >= 0 else _reference.NAN_KEY
         lo_key = int(sample[lo_rank]) if lo_rank < n_sample else 0
         expected = (min(lo_rank, n_sample - 1) - max(hi_rank, 0) + 1) / n_sample * total
+        if expected > WINDOW_CAPACITY[device_kind]:  # the window would overflow any buffer we allow: skip the pass
+            LOG.debug("window of ~%d candidates exceeds the buffer budget (k=%d): histogram path", expected, k)
+            out.append(None)
+            continue
         capacity = min(total, WINDOW_CAPACITY[device_kind], math.ceil(WINDOW_HEADROOM * expected) + WINDOW_SLACK)
         words, counts, cand_keys, cand_pos = torch.ops.salun_ext.window_select(
             tensors, lo_key, hi_key, capacity, nan_as_zero

@@ -335,12 +335,23 @@ def test_window_falls_back_to_histograms_when_the_bracket_misses(monkeypatch, ca
 
     tensors = nasty_list([100_000, 50_000], "zeros30", [torch.float32], seed=12)
     expected = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="histogram")
-    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 10)  # every window overflows its buffer
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 10)  # every window exceeds the buffer budget
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window")
+    assert "exceeds the buffer budget" in caplog.text
+    for g, e in zip(got, expected):
+        assert g.equal(e) and g.threshold == e.threshold
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 1 << 20)
+    monkeypatch.setattr(saliency, "WINDOW_HEADROOM", 0.0)  # buffers of WINDOW_SLACK candidates overflow
+    monkeypatch.setattr(saliency, "WINDOW_SLACK", 8)
+    caplog.clear()
     with caplog.at_level("DEBUG", logger="salun_ext"):
         got = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window")
     assert "window select missed" in caplog.text
     for g, e in zip(got, expected):
         assert g.equal(e) and g.threshold == e.threshold
+    monkeypatch.setattr(saliency, "WINDOW_HEADROOM", 2.0)
+    monkeypatch.setattr(saliency, "WINDOW_SLACK", 1 << 14)
     monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 1 << 20)
     monkeypatch.setattr(saliency, "WINDOW_SIGMAS", 0.0)  # a bracket too narrow to hold the threshold, often
     for g, e in zip(salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window"), expected):

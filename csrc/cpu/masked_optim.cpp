@@ -1,7 +1,9 @@
 // CPU kernels of the masked optimizer steps (schemas and reference: salun_ext/_ops.py, _reference.py; element math:
 // optim_math.h). One pass over each tensor: per 32-element mask word, words without a salient bit are skipped
-// entirely (no loads, no stores); otherwise all 32 updates are computed and only salient lanes are stored, so a
-// non-salient parameter entry and its state are never written.
+// entirely (no loads, no stores); otherwise all 32 updates are computed and every lane stores a select between its
+// update and the value it loaded (as T, no float round trip), so a non-salient parameter entry and its state keep
+// their exact bits. The optional terms of an update (momentum, weight decay, ...) are template flags and the store
+// is a select rather than a branch on the (random) mask bit: the loops have no branches and vectorize.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -10,7 +12,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "salun_ext/mask_layout.h"
@@ -73,21 +78,67 @@ void for_each_salient_word(const int32_t* words, int64_t begin, int64_t end, Fn&
   }
 }
 
+// fn(std::true_type{}) or fn(std::false_type{}): turns a runtime flag into a compile-time one.
+template <typename Fn>
+void with_flag(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// salient ? updated : old, as a bitwise blend: a branch on a random mask bit mispredicts on half the lanes at density
+// 0.5, and the blend keeps old's exact bits (no float round trip).
 template <typename T>
+inline T select_lane(bool salient, T updated, T old) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  static_assert(sizeof(T) == sizeof(Bits), "fp32, bf16 or fp16 lanes");
+  Bits u, o;
+  std::memcpy(&u, &updated, sizeof(T));
+  std::memcpy(&o, &old, sizeof(T));
+  const Bits keep_new = static_cast<Bits>(Bits{0} - static_cast<Bits>(salient));
+  const Bits r = static_cast<Bits>((u & keep_new) | (o & static_cast<Bits>(~keep_new)));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+template <typename T, typename Flags>
 void sgd_tensor(const Work& w, T* p, const T* g, T* buf, const int32_t* words, const SgdScalars& s) {
+  constexpr bool kMomentum = Flags::momentum(SgdScalars{});
   for_each_salient_word(words, w.begin, w.end, [&](uint32_t bits, int64_t base, int64_t n) {
     float np[kBitsPerWord], nb[kBitsPerWord];
     for (int64_t j = 0; j < n; ++j) {
       np[j] = static_cast<float>(p[base + j]);
-      nb[j] = buf ? static_cast<float>(buf[base + j]) : 0.0f;
-      sgd_element(np[j], static_cast<float>(g[base + j]), nb[j], s);
+      nb[j] = kMomentum ? static_cast<float>(buf[base + j]) : 0.0f;
+      sgd_element<Flags>(np[j], static_cast<float>(g[base + j]), nb[j], s);
     }
     for (int64_t j = 0; j < n; ++j) {
-      if ((bits >> j) & 1u) {
-        p[base + j] = static_cast<T>(np[j]);
-        if (buf) buf[base + j] = static_cast<T>(nb[j]);
-      }
+      const bool salient = (bits >> j) & 1u;
+      const T old_p = p[base + j];
+      p[base + j] = select_lane(salient, static_cast<T>(np[j]), old_p);
+      if constexpr (kMomentum) buf[base + j] = select_lane(salient, static_cast<T>(nb[j]), buf[base + j]);
     }
+  });
+}
+
+// fn(SgdStaticFlags<...>{}) for the update's flags.
+template <typename Fn>
+void with_sgd_flags(const SgdScalars& s, Fn&& fn) {
+  with_flag(s.has_grad_scale, [&](auto scale) {
+    with_flag(s.maximize, [&](auto maximize) {
+      with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+        with_flag(s.has_momentum, [&](auto momentum) {
+          with_flag(s.has_momentum && s.nesterov, [&](auto nesterov) {
+            with_flag(s.has_momentum && s.first_step, [&](auto first) {
+              fn(SgdStaticFlags<scale.value, maximize.value, decay.value, momentum.value, nesterov.value,
+                                first.value>{});
+            });
+          });
+        });
+      });
+    });
   });
 }
 
@@ -121,32 +172,52 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const int32_t* words = mask_words[w.tensor].numel() ? mask_words[w.tensor].data_ptr<int32_t>() : nullptr;
       dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
-        sgd_tensor<scalar_t>(w, p.data_ptr<scalar_t>(), grads[w.tensor].data_ptr<scalar_t>(),
-                             has_momentum ? momentum_buffers[w.tensor].data_ptr<scalar_t>() : nullptr, words, s);
+        with_sgd_flags(s, [&](auto flags) {
+          sgd_tensor<scalar_t, decltype(flags)>(
+              w, p.data_ptr<scalar_t>(), grads[w.tensor].data_ptr<scalar_t>(),
+              has_momentum ? momentum_buffers[w.tensor].data_ptr<scalar_t>() : nullptr, words, s);
+        });
       });
     }
   });
 }
 
-template <typename T>
+template <typename T, typename Flags>
 void adam_tensor(const Work& w, T* p, const T* g, T* m, T* v, T* vmax, const int32_t* words, const AdamScalars& s) {
+  constexpr bool kAmsgrad = Flags::amsgrad(AdamScalars{});
   for_each_salient_word(words, w.begin, w.end, [&](uint32_t bits, int64_t base, int64_t n) {
     float np[kBitsPerWord], nm[kBitsPerWord], nv[kBitsPerWord], nx[kBitsPerWord];
     for (int64_t j = 0; j < n; ++j) {
       np[j] = static_cast<float>(p[base + j]);
       nm[j] = static_cast<float>(m[base + j]);
       nv[j] = static_cast<float>(v[base + j]);
-      nx[j] = vmax ? static_cast<float>(vmax[base + j]) : 0.0f;
-      adam_element(np[j], static_cast<float>(g[base + j]), nm[j], nv[j], nx[j], s);
+      nx[j] = kAmsgrad ? static_cast<float>(vmax[base + j]) : 0.0f;
+      adam_element<Flags>(np[j], static_cast<float>(g[base + j]), nm[j], nv[j], nx[j], s);
     }
     for (int64_t j = 0; j < n; ++j) {
-      if ((bits >> j) & 1u) {
-        p[base + j] = static_cast<T>(np[j]);
-        m[base + j] = static_cast<T>(nm[j]);
-        v[base + j] = static_cast<T>(nv[j]);
-        if (vmax) vmax[base + j] = static_cast<T>(nx[j]);
-      }
+      const bool salient = (bits >> j) & 1u;
+      const T old_p = p[base + j], old_m = m[base + j], old_v = v[base + j];
+      p[base + j] = select_lane(salient, static_cast<T>(np[j]), old_p);
+      m[base + j] = select_lane(salient, static_cast<T>(nm[j]), old_m);
+      v[base + j] = select_lane(salient, static_cast<T>(nv[j]), old_v);
+      if constexpr (kAmsgrad) vmax[base + j] = select_lane(salient, static_cast<T>(nx[j]), vmax[base + j]);
     }
+  });
+}
+
+// fn(AdamStaticFlags<...>{}) for the update's flags.
+template <typename Fn>
+void with_adam_flags(const AdamScalars& s, Fn&& fn) {
+  with_flag(s.has_grad_scale, [&](auto scale) {
+    with_flag(s.maximize, [&](auto maximize) {
+      with_flag(s.weight_decay != 0.0f, [&](auto decay) {
+        with_flag(s.decoupled_weight_decay, [&](auto decoupled) {
+          with_flag(s.amsgrad, [&](auto amsgrad) {
+            fn(AdamStaticFlags<scale.value, maximize.value, decay.value, decoupled.value, amsgrad.value>{});
+          });
+        });
+      });
+    });
   });
 }
 
@@ -197,9 +268,12 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const int32_t* words = mask_words[i].numel() ? mask_words[i].data_ptr<int32_t>() : nullptr;
       dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
-        adam_tensor<scalar_t>(w, p.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
-                              exp_avgs[i].data_ptr<scalar_t>(), exp_avg_sqs[i].data_ptr<scalar_t>(),
-                              amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr, words, scalars[i]);
+        with_adam_flags(scalars[i], [&](auto flags) {
+          adam_tensor<scalar_t, decltype(flags)>(
+              w, p.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
+              exp_avg_sqs[i].data_ptr<scalar_t>(), amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr,
+              words, scalars[i]);
+        });
       });
     }
   });

@@ -26,16 +26,39 @@ struct SgdScalars {
   bool first_step;  // momentum buffer = d (torch initialises the buffer with the first update direction)
 };
 
+// Which optional terms an update has. The Runtime flags read them from the scalars (one uniform branch per term);
+// a CPU loop passes the Static flags instead, so the terms are compile-time constants, the loop has no branches
+// and the compiler vectorizes it. The element math below is the same for both.
+struct SgdRuntimeFlags {
+  SALUN_HD static bool grad_scale(const SgdScalars& s) { return s.has_grad_scale; }
+  SALUN_HD static bool maximize(const SgdScalars& s) { return s.maximize; }
+  SALUN_HD static bool decay(const SgdScalars& s) { return s.weight_decay != 0.0f; }
+  SALUN_HD static bool momentum(const SgdScalars& s) { return s.has_momentum; }
+  SALUN_HD static bool nesterov(const SgdScalars& s) { return s.nesterov; }
+  SALUN_HD static bool first_step(const SgdScalars& s) { return s.first_step; }
+};
+
+template <bool kGradScale, bool kMaximize, bool kDecay, bool kMomentum, bool kNesterov, bool kFirstStep>
+struct SgdStaticFlags {
+  SALUN_HD static constexpr bool grad_scale(const SgdScalars&) { return kGradScale; }
+  SALUN_HD static constexpr bool maximize(const SgdScalars&) { return kMaximize; }
+  SALUN_HD static constexpr bool decay(const SgdScalars&) { return kDecay; }
+  SALUN_HD static constexpr bool momentum(const SgdScalars&) { return kMomentum; }
+  SALUN_HD static constexpr bool nesterov(const SgdScalars&) { return kNesterov; }
+  SALUN_HD static constexpr bool first_step(const SgdScalars&) { return kFirstStep; }
+};
+
 // p: parameter (fp32 value, updated in place); g: gradient; buf: momentum buffer (fp32 value, updated in place).
+template <typename Flags = SgdRuntimeFlags>
 SALUN_HD void sgd_element(float& p, float g, float& buf, const SgdScalars& s) {
   float d = g;
-  if (s.has_grad_scale) d = d / s.grad_scale;
-  if (s.maximize) d = -d;
-  if (s.weight_decay != 0.0f) d = d + s.weight_decay * p;
-  if (s.has_momentum) {
-    const float b = s.first_step ? d : s.momentum * buf + s.one_minus_dampening * d;
+  if (Flags::grad_scale(s)) d = d / s.grad_scale;
+  if (Flags::maximize(s)) d = -d;
+  if (Flags::decay(s)) d = d + s.weight_decay * p;
+  if (Flags::momentum(s)) {
+    const float b = Flags::first_step(s) ? d : s.momentum * buf + s.one_minus_dampening * d;
     buf = b;
-    d = s.nesterov ? d + s.momentum * b : b;
+    d = Flags::nesterov(s) ? d + s.momentum * b : b;
   }
   p = p - s.lr * d;
 }
@@ -63,12 +86,30 @@ SALUN_HD float nan_propagating_max(float a, float b) {
   return a > b ? a : b;
 }
 
+struct AdamRuntimeFlags {
+  SALUN_HD static bool grad_scale(const AdamScalars& s) { return s.has_grad_scale; }
+  SALUN_HD static bool maximize(const AdamScalars& s) { return s.maximize; }
+  SALUN_HD static bool decay(const AdamScalars& s) { return s.weight_decay != 0.0f; }
+  SALUN_HD static bool decoupled(const AdamScalars& s) { return s.decoupled_weight_decay; }
+  SALUN_HD static bool amsgrad(const AdamScalars& s) { return s.amsgrad; }
+};
+
+template <bool kGradScale, bool kMaximize, bool kDecay, bool kDecoupled, bool kAmsgrad>
+struct AdamStaticFlags {
+  SALUN_HD static constexpr bool grad_scale(const AdamScalars&) { return kGradScale; }
+  SALUN_HD static constexpr bool maximize(const AdamScalars&) { return kMaximize; }
+  SALUN_HD static constexpr bool decay(const AdamScalars&) { return kDecay; }
+  SALUN_HD static constexpr bool decoupled(const AdamScalars&) { return kDecoupled; }
+  SALUN_HD static constexpr bool amsgrad(const AdamScalars&) { return kAmsgrad; }
+};
+
+template <typename Flags = AdamRuntimeFlags>
 SALUN_HD void adam_element(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
   float d = g;
-  if (s.has_grad_scale) d = d / s.grad_scale;
-  if (s.maximize) d = -d;
-  if (s.weight_decay != 0.0f) {
-    if (s.decoupled_weight_decay) {
+  if (Flags::grad_scale(s)) d = d / s.grad_scale;
+  if (Flags::maximize(s)) d = -d;
+  if (Flags::decay(s)) {
+    if (Flags::decoupled(s)) {
       p = p * s.decay_factor;
     } else {
       d = d + s.weight_decay * p;
@@ -77,7 +118,7 @@ SALUN_HD void adam_element(float& p, float g, float& m, float& v, float& vmax, c
   m = m + s.one_minus_beta1 * (d - m);  // lerp(m, d, 1 - beta1) for a weight below 0.5
   v = s.beta2 * v + s.one_minus_beta2 * d * d;
   float denom;
-  if (s.amsgrad) {
+  if (Flags::amsgrad(s)) {
     vmax = nan_propagating_max(vmax, v);
     denom = sqrtf(vmax) / s.bias2_sqrt + s.eps;
   } else {

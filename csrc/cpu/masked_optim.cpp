@@ -148,10 +148,8 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "masked_sgd_";
-  check_step_params(op, params, mask_words);
-  check_step_list(op, "grads", params, grads, /*same_shape=*/true);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_step_list(op, "momentum_buffers", params, momentum_buffers, /*same_shape=*/true);
+  check_sgd_lists(op, params, grads, momentum_buffers, mask_words, has_momentum);
   if (params.empty() || step_skipped(found_inf)) return;
   SgdScalars s{};
   s.lr = static_cast<float>(lr_tensor.has_value() ? static_cast<double>(read_scalar(lr_tensor)) : lr);
@@ -228,12 +226,7 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "masked_adam_";
-  check_step_params(op, params, mask_words);
-  check_step_list(op, "grads", params, grads, true);
-  check_step_list(op, "exp_avgs", params, exp_avgs, true);
-  check_step_list(op, "exp_avg_sqs", params, exp_avg_sqs, true);
-  if (amsgrad) check_step_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, true);
-  check_step_list(op, "state_steps", params, state_steps, false);
+  check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad);
   for (size_t i = 0; i < state_steps.size(); ++i) {
     TORCH_CHECK(state_steps[i].numel() == 1, "salun_ext: ", op, ": state_steps[", i, "] must hold one value");
   }

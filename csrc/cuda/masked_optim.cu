@@ -284,6 +284,27 @@ std::optional<at::Tensor> as_device_float(const std::optional<at::Tensor>& t, co
 
 const float* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// lr / grad_scale / found_inf as float32 tensors on the parameters' device (checked first; kept alive here until
+// the launch) and the pointers the kernels read. Call under the device's CUDAGuard.
+struct DeviceScalarTensors {
+  std::optional<at::Tensor> lr, grad_scale, found_inf;
+
+  DeviceScalarTensors(const char* op, const c10::Device& device, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& grad_scale_tensor,
+                      const std::optional<at::Tensor>& found_inf_tensor) {
+    check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
+    check_scalar_tensor(op, "grad_scale", grad_scale_tensor, device);
+    check_scalar_tensor(op, "found_inf", found_inf_tensor, device);
+    lr = as_device_float(lr_tensor, device);
+    grad_scale = as_device_float(grad_scale_tensor, device);
+    found_inf = as_device_float(found_inf_tensor, device);
+  }
+
+  DeviceScalars pointers() const {
+    return DeviceScalars{ptr_or_null(lr), ptr_or_null(grad_scale), ptr_or_null(found_inf)};
+  }
+};
+
 int optim_grid(const void* kernel, const c10::Device& device, int64_t total_chunks) {
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
@@ -296,19 +317,12 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "masked_sgd_";
-  check_step_params(op, params, mask_words);
-  check_step_list(op, "grads", params, grads, true);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_step_list(op, "momentum_buffers", params, momentum_buffers, true);
+  check_sgd_lists(op, params, grads, momentum_buffers, mask_words, has_momentum);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
   const c10::cuda::CUDAGuard guard(device);
-  const auto lr_dev = as_device_float(lr_tensor, device);
-  const auto scale_dev = as_device_float(grad_scale, device);
-  const auto found_dev = as_device_float(found_inf, device);
+  const DeviceScalarTensors scalars_dev(op, device, lr_tensor, grad_scale, found_inf);
 
   SgdScalars s{};
   s.lr = static_cast<float>(lr);
@@ -331,7 +345,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const int grid = optim_grid(reinterpret_cast<const void*>(&masked_sgd_kernel), device, total_chunks);
   masked_sgd_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const OptimTensor*>(dev_table.data_ptr()), static_cast<int>(table.size()), total_chunks, s,
-      DeviceScalars{ptr_or_null(lr_dev), ptr_or_null(scale_dev), ptr_or_null(found_dev)});
+      scalars_dev.pointers());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -341,25 +355,15 @@ void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "masked_adam_";
-  check_step_params(op, params, mask_words);
-  check_step_list(op, "grads", params, grads, true);
-  check_step_list(op, "exp_avgs", params, exp_avgs, true);
-  check_step_list(op, "exp_avg_sqs", params, exp_avg_sqs, true);
-  if (amsgrad) check_step_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, true);
-  check_step_list(op, "state_steps", params, state_steps, false);
+  check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad);
   for (size_t i = 0; i < state_steps.size(); ++i) {
     TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].scalar_type() == at::kFloat, "salun_ext: ", op,
                 ": state_steps[", i, "] must be one float32 value on ", params[i].device());
   }
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
   const c10::cuda::CUDAGuard guard(device);
-  const auto lr_dev = as_device_float(lr_tensor, device);
-  const auto scale_dev = as_device_float(grad_scale, device);
-  const auto found_dev = as_device_float(found_inf, device);
+  const DeviceScalarTensors scalars_dev(op, device, lr_tensor, grad_scale, found_inf);
 
   AdamScalars s{};
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
@@ -384,7 +388,7 @@ void masked_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const int grid = optim_grid(reinterpret_cast<const void*>(&masked_adam_kernel), device, total_chunks);
   masked_adam_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const OptimTensor*>(dev_table.data_ptr()), static_cast<int>(table.size()), total_chunks, s, h,
-      DeviceScalars{ptr_or_null(lr_dev), ptr_or_null(scale_dev), ptr_or_null(found_dev)});
+      scalars_dev.pointers());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

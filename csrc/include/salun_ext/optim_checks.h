@@ -54,6 +54,26 @@ inline void check_step_params(const char* op, at::TensorList params, at::TensorL
   }
 }
 
+// The tensor lists of masked_sgd_ (both devices check these before anything else).
+inline void check_sgd_lists(const char* op, at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers, at::TensorList mask_words, bool has_momentum) {
+  check_step_params(op, params, mask_words);
+  check_step_list(op, "grads", params, grads, /*same_shape=*/true);
+  if (has_momentum) check_step_list(op, "momentum_buffers", params, momentum_buffers, /*same_shape=*/true);
+}
+
+// The tensor lists of masked_adam_ (each device then checks the step counts the way it reads them).
+inline void check_adam_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                             at::TensorList mask_words, bool amsgrad) {
+  check_step_params(op, params, mask_words);
+  check_step_list(op, "grads", params, grads, /*same_shape=*/true);
+  check_step_list(op, "exp_avgs", params, exp_avgs, /*same_shape=*/true);
+  check_step_list(op, "exp_avg_sqs", params, exp_avg_sqs, /*same_shape=*/true);
+  if (amsgrad) check_step_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, /*same_shape=*/true);
+  check_step_list(op, "state_steps", params, state_steps, /*same_shape=*/false);
+}
+
 inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
                                 const c10::Device& device) {
   if (!t.has_value()) return;

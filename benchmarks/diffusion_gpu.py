@@ -56,7 +56,7 @@ def build(args, device):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from salun_ext.diffusion.core import DiffusionSet, DiffusionSpec, PromptConditioner
-    from salun_ext.diffusion.tiny import SD_V1_UNET, TINY_SD_UNET
+    from salun_ext.testing.diffusion import SD_V1_UNET, TINY_SD_UNET
 
     torch.manual_seed(0)
     config = TINY_SD_UNET if args.tiny else SD_V1_UNET
@@ -116,7 +116,7 @@ def measure_mask(unet, spec, forget, args, timer, device) -> dict:
 def measure_step(unet, spec, forget, retain, mask, args, timer, device, optimizer: str) -> dict:
     """A SalUn step on the Engine: with the mask (MaskedAdam), without (MaskedAdam, mask=None), or fused Adam."""
     from salun_ext.diffusion.methods import SalUnTask
-    from salun_ext.engine import Engine, EngineConfig, OptimConfig
+    from salun_ext.train.engine import Engine, EngineConfig, OptimConfig
 
     task = SalUnTask(
         spec, forget, retain, alpha=0.1, batch_size=args.batch, retain_cond_drop=0.0, retain_reduction="mean"

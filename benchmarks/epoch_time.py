@@ -29,9 +29,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from salun_ext.data import Augment, ImageDataset  # noqa: E402
-from salun_ext.experiment import machine_description  # noqa: E402
+from salun_ext.classification.experiment import machine_description  # noqa: E402
 from salun_ext.models import build_model  # noqa: E402
-from salun_ext.unlearn import OriginalTrainConfig, RunOptions, UnlearnData, get_method, train_classifier  # noqa: E402
+from salun_ext.classification import (  # noqa: E402
+    OriginalTrainConfig,
+    RunOptions,
+    UnlearnData,
+    get_method,
+    train_original_model,
+)
 from salun_ext.utils import resolve_device  # noqa: E402
 
 
@@ -78,11 +84,11 @@ def run(args: argparse.Namespace) -> dict:
 
     # warm-up epoch (cuDNN autotuning, torch.compile), then the timed epochs
     warm = OriginalTrainConfig(epochs=1, lr=0.1, batch_size=args.batch_size, milestones=())
-    train_classifier(model(), data, warm, options, augment=augment)
+    train_original_model(model(), data, warm, options, augment=augment)
     timed = dataclasses.replace(warm, epochs=args.measure_epochs)
     _sync(device)
     start = time.perf_counter()
-    train_classifier(model(), data, timed, options, augment=augment)
+    train_original_model(model(), data, timed, options, augment=augment)
     _sync(device)
     epoch_seconds = (time.perf_counter() - start) / args.measure_epochs
 

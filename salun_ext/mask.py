@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from salun_ext import _mask_layout
+from salun_ext import ops
+from salun_ext.utils.errors import MissingFileError, UsageError
 
 FORMAT_NAME = "salun_ext.saliency_mask"
 FORMAT_VERSION = 1
@@ -96,15 +97,15 @@ class SaliencyMask:
         names = tuple(names)
         shapes = tuple(torch.Size(s) for s in shapes)
         if len(names) != len(shapes):
-            raise ValueError(f"SaliencyMask: got {len(names)} names but {len(shapes)} shapes")
+            raise UsageError(f"SaliencyMask: got {len(names)} names but {len(shapes)} shapes")
         if len(set(names)) != len(names):
             duplicates = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"SaliencyMask: duplicate tensor names {duplicates}")
+            raise UsageError(f"SaliencyMask: duplicate tensor names {duplicates}")
         if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 1:
             raise TypeError("SaliencyMask: 'words' must be a 1-D int32 tensor")
-        offsets, total = _mask_layout.word_offsets([math.prod(s) for s in shapes])
+        offsets, total = ops.word_offsets([math.prod(s) for s in shapes])
         if words.numel() != total:
-            raise ValueError(
+            raise UsageError(
                 f"SaliencyMask: 'words' has {words.numel()} words but the shapes need {total} "
                 f"({len(shapes)} tensors, {sum(math.prod(s) for s in shapes)} elements)"
             )
@@ -116,7 +117,7 @@ class SaliencyMask:
         self.threshold = threshold
         self.exact_k = exact_k
         if shard is not None and (len(shard.global_shapes) != len(shapes) or len(shard.offsets) != len(shapes)):
-            raise ValueError(
+            raise UsageError(
                 f"SaliencyMask: shard describes {len(shard.global_shapes)} tensors but the mask has {len(shapes)}"
             )
         self.shard = shard
@@ -150,13 +151,13 @@ class SaliencyMask:
 
     def count(self, name: str | None = None) -> int:
         """Number of salient entries, in total or of one tensor."""
-        return _mask_layout.popcount(self.segment(name) if name is not None else self.words)
+        return ops.popcount(self.segment(name) if name is not None else self.words)
 
     def segment(self, name: str) -> torch.Tensor:
         """The int32 words of one tensor (a view into `words`; padded to 128 bits)."""
         i = self._lookup(name)
         n = math.prod(self.shapes[i])
-        return self.words[self._offsets[i] : self._offsets[i] + _mask_layout.segment_words(n)]
+        return self.words[self._offsets[i] : self._offsets[i] + ops.segment_words(n)]
 
     def word_offset(self, name: str) -> int:
         return self._offsets[self._lookup(name)]
@@ -165,7 +166,7 @@ class SaliencyMask:
         """Bool tensor of the parameter's shape: True = salient (trainable)."""
         i = self._lookup(name)
         shape = self.shapes[i]
-        return _mask_layout.unpack_bits(self.segment(name), math.prod(shape)).view(shape)
+        return ops.unpack_bits(self.segment(name), math.prod(shape)).view(shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.dense(name)
@@ -281,7 +282,7 @@ class SaliencyMask:
         if extra:
             problems.append(f"{len(extra)} {what} tensor(s) not covered by the mask: {_preview(extra)}")
         if problems:
-            raise ValueError("the saliency mask does not match the " + what + ": " + "; ".join(problems))
+            raise UsageError("the saliency mask does not match the " + what + ": " + "; ".join(problems))
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -295,7 +296,7 @@ class SaliencyMask:
     ) -> SaliencyMask:
         """Pack a dict name -> 0/1 tensor (any dtype; nonzero = salient, values must be 0 or 1)."""
         if len(dense) == 0:
-            raise ValueError("SaliencyMask.from_dense: the dict is empty")
+            raise UsageError("SaliencyMask.from_dense: the dict is empty")
         names, shapes, segments = [], [], []
         device = None
         for name, value in dense.items():
@@ -306,14 +307,14 @@ class SaliencyMask:
             if value.dtype != torch.bool:
                 bad = (value != 0) & (value != 1)
                 if bool(bad.any()):
-                    raise ValueError(
+                    raise UsageError(
                         f"mask entry {name!r} holds values other than 0 and 1 "
                         f"(e.g. {value[bad].reshape(-1)[0].item()}); not a saliency mask"
                     )
             device = device or value.device
             names.append(name)
             shapes.append(value.shape)
-            segments.append(_mask_layout.pack_bits(value.detach().to(device).reshape(-1) != 0))
+            segments.append(ops.pack_bits(value.detach().to(device).reshape(-1) != 0))
         words = torch.cat(segments)
         mask = cls(words, names, shapes, ratio=ratio, threshold=threshold, exact_k=exact_k)
         mask.k = mask.count()
@@ -330,17 +331,17 @@ class SaliencyMask:
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"mask file not found: {path}")
+                raise MissingFileError(f"mask file not found: {path}")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise ValueError(f"{path}: not a readable PyTorch mask file ({exc})") from exc
+                raise UsageError(f"{path}: not a readable PyTorch mask file ({exc})") from exc
             if ratio is None:
                 ratio = _ratio_from_upstream_name(path)
         else:
             obj = source
         if not isinstance(obj, Mapping):
-            raise ValueError(f"an upstream mask is a dict name -> tensor, got {type(obj).__name__}")
+            raise UsageError(f"an upstream mask is a dict name -> tensor, got {type(obj).__name__}")
         return cls.from_dense(obj, ratio=ratio)
 
     def to_upstream(self, dtype: torch.dtype = torch.int64) -> dict[str, torch.Tensor]:
@@ -372,26 +373,26 @@ class SaliencyMask:
 
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"mask file not found: {path}")
+            raise MissingFileError(f"mask file not found: {path}")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
                 keys = list(f.keys())
                 words = f.get_tensor(_WORDS_KEY) if _WORDS_KEY in keys else None
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise UsageError(f"{path}: not a readable safetensors file ({exc})") from exc
         if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: not a salun_ext saliency mask (format={metadata.get('format')!r}); "
                 "for the paper code's .pt masks use SaliencyMask.from_upstream"
             )
         version = metadata.get("version")
         if version != str(FORMAT_VERSION):
-            raise ValueError(
+            raise UsageError(
                 f"{path}: unsupported mask format version {version!r} (this library reads {FORMAT_VERSION})"
             )
         if words is None:
-            raise ValueError(f"{path}: the mask file has no '{_WORDS_KEY}' tensor (found {keys})")
+            raise UsageError(f"{path}: the mask file has no '{_WORDS_KEY}' tensor (found {keys})")
         try:
             names = json.loads(metadata["names"])
             shapes = json.loads(metadata["shapes"])
@@ -401,16 +402,16 @@ class SaliencyMask:
             exact_k = json.loads(metadata["exact_k"])
             shard = MaskShard.from_json(metadata["shard"]) if "shard" in metadata else None
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: corrupted mask metadata ({exc})") from exc
+            raise UsageError(f"{path}: corrupted mask metadata ({exc})") from exc
         try:
             mask = cls(
                 words.to(device), names, shapes, ratio=ratio, k=k, threshold=threshold, exact_k=exact_k, shard=shard
             )
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: corrupted mask ({exc})") from exc
+            raise UsageError(f"{path}: corrupted mask ({exc})") from exc
         # a shard holds only its part of the k salient entries (gather_mask checks the total)
         if mask.k is not None and mask.exact_k and mask.shard is None and mask.count() != mask.k:
-            raise ValueError(f"{path}: corrupted mask: {mask.count()} salient entries but k = {mask.k}")
+            raise UsageError(f"{path}: corrupted mask: {mask.count()} salient entries but k = {mask.k}")
         _check_padding_zero(mask, path)
         return mask
 
@@ -419,8 +420,8 @@ def _check_padding_zero(mask: SaliencyMask, path: str) -> None:
     for name, shape in zip(mask.names, mask.shapes):
         n = math.prod(shape)
         seg = mask.segment(name)
-        if _mask_layout.popcount(seg) != int(_mask_layout.unpack_bits(seg, n).sum().item()):
-            raise ValueError(f"{path}: corrupted mask: padding bits set in the segment of {name!r}")
+        if ops.popcount(seg) != int(ops.unpack_bits(seg, n).sum().item()):
+            raise UsageError(f"{path}: corrupted mask: padding bits set in the segment of {name!r}")
 
 
 def _ratio_from_upstream_name(path: str) -> float | None:

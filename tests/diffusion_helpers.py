@@ -39,7 +39,7 @@ def _session_dir() -> Path:
 @lru_cache(maxsize=1)
 def tiny_pipeline_folder() -> Path:
     """A saved tiny Stable Diffusion pipeline (random weights, real CLIP tokenizer); built once per session."""
-    from salun_ext.diffusion.tiny import build_tiny_stable_diffusion
+    from salun_ext.testing.diffusion import build_tiny_stable_diffusion
 
     folder = _session_dir() / "tiny-sd"
     build_tiny_stable_diffusion(folder)
@@ -47,7 +47,7 @@ def tiny_pipeline_folder() -> Path:
 
 
 def load_tiny_sd():
-    from salun_ext.diffusion.stable_diffusion import StableDiffusion
+    from salun_ext.diffusion.sd import StableDiffusion
 
     return StableDiffusion.from_pretrained(tiny_pipeline_folder(), device="cpu")
 

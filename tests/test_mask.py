@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import salun_ext
-from salun_ext import SaliencyMask, _mask_layout
+from salun_ext import SaliencyMask
+from salun_ext.ops import _mask_layout
 
 
 def _mask(ratio=0.5):

@@ -6,8 +6,8 @@
     salun-ext evaluate --checkpoint runs/c10/unlearn-salun/model.safetensors --dataset cifar10 --forget-ratio 0.1
     salun-ext reproduce                       # the embedded digits, all ten paper methods, table + plot
 
-Every option can also come from a YAML/JSON file (`--config run.yaml`, keys = option names with '_' or '-');
-flags given on the command line win over the file, the file wins over the defaults. Method hyperparameters:
+Every option can also come from a YAML/JSON file (`--config run.yaml`, keys = option names with '_' or '-';
+cli/config.py); flags given on the command line win over the file, the file wins over the defaults. Method hyperparameters:
 `--set lr=0.01` (unlearn) or `--set salun.lr=0.013` (reproduce), repeatable, or a `set:` mapping in the file.
 """
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
+from salun_ext.cli.config import add_config_flag, parse_assignments, parse_sweeps
 from salun_ext.cli.distributed_args import add_distributed_args, distributed_session, single_process_only
 
-# Real defaults live here, not in argparse: an option left out (None) falls back to the config file, then to these.
+# The defaults of every classification command (set on each parser; a --config file replaces them, flags win).
 DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data_root": None,
@@ -70,100 +69,10 @@ DEFAULTS: dict[str, Any] = {
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"reproduce": {"ratios": [0.1, 0.5]}}  # the paper's two columns
 
 
-# ------------------------------------------------------------------------------------------------ parsing
-def parse_value(text: str) -> Any:
-    """'3' -> 3, '1e-4' -> 1e-4, 'true' -> True, 'none' -> None, '[1, 2]' -> [1, 2], else the string."""
-    text = text.strip()
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    if text[:1] in "[{(":
-        import yaml
-
-        return yaml.safe_load(text.replace("(", "[").replace(")", "]"))
-    return text
-
-
-def parse_assignments(items: list[str] | dict, *, qualified: bool, what: str = "--set") -> dict:
-    """['salun.lr=0.01', ...] -> {'salun': {'lr': 0.01}} (qualified) or ['lr=0.01'] -> {'lr': 0.01}."""
-    if isinstance(items, dict):  # from a config file
-        return {k: dict(v) for k, v in items.items()} if qualified else dict(items)
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
-        key = key.strip()
-        if qualified:
-            method, dot, param = key.partition(".")
-            if not dot or not param:
-                raise ValueError(f"{what} {item!r}: expected METHOD.PARAM=VALUE (e.g. salun.lr=0.013)")
-            out.setdefault(method, {})[param] = parse_value(value)
-        else:
-            out[key] = parse_value(value)
-    return out
-
-
-def parse_sweeps(items: list[str] | dict) -> dict[str, dict[str, list]]:
-    """['ga.lr=1e-5,1e-4'] -> {'ga': {'lr': [1e-5, 1e-4]}}."""
-    if isinstance(items, dict):
-        return {m: {p: list(v) for p, v in grid.items()} for m, grid in items.items()}
-    out: dict[str, dict[str, list]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        method, dot, param = key.strip().partition(".")
-        if not sep or not dot or not values:
-            raise ValueError(f"--sweep {item!r}: expected METHOD.PARAM=V1,V2,... (e.g. ga.lr=1e-5,1e-4,1e-3)")
-        out.setdefault(method, {})[param] = [parse_value(v) for v in values.split(",")]
-    return out
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML or JSON mapping of option names to values."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = p.read_text()
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill options left out on the command line from the config file, then from DEFAULTS."""
-    from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
-    known = set(vars(args))
-    unknown = sorted(set(from_file) - known)
-    if unknown:
-        raise ValueError(f"{args.config}: unknown option(s) {unknown} for `{args.command}`")
-    defaults = {**DEFAULTS, **COMMAND_DEFAULTS.get(args.command, {})}
-    for key in known:
-        if getattr(args, key) is None:
-            if key in from_file:
-                setattr(args, key, from_file[key])
-            elif key in defaults:
-                setattr(args, key, defaults[key])
-    return args
-
-
 # ------------------------------------------------------------------------------------------------ options
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML/JSON file with option values (flags win over it)")
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    add_config_flag(p)
+    p.set_defaults(**{**DEFAULTS, **COMMAND_DEFAULTS.get(command, {})})
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, help="seed of the training / unlearning randomness (default 1)")
@@ -197,7 +106,7 @@ def _add_data(p: argparse.ArgumentParser, forget: bool) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train an original classifier on a dataset's training split")
-    _add_common(p)
+    _add_common(p, "train")
     _add_data(p, forget=False)
     p.add_argument("--model", help="small_cnn, resnet18, resnet50, vgg16_bn (default: the dataset preset's)")
     p.add_argument("--model-option", action="append", help="builder option KEY=VALUE, e.g. width=16")
@@ -208,7 +117,7 @@ def register(sub) -> None:
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("mask", help="compute SalUn saliency masks for a forget set")
-    _add_common(p)
+    _add_common(p, "mask")
     _add_data(p, forget=True)
     p.add_argument("--checkpoint", help="the original model (salun_ext safetensors checkpoint)")
     p.add_argument("--ratios", type=float, nargs="+", help="mask ratios (default 0.5)")
@@ -217,7 +126,7 @@ def register(sub) -> None:
     p.set_defaults(handler=run_mask)
 
     p = sub.add_parser("unlearn", help="run one unlearning method on a checkpoint")
-    _add_common(p)
+    _add_common(p, "unlearn")
     _add_data(p, forget=True)
     p.add_argument("--checkpoint", help="the original model (salun_ext safetensors checkpoint)")
     p.add_argument("--method", help="retrain, ft, rl, ga, iu, be, bs, l1_sparse, salun, salun_soft, scrub, ...")
@@ -230,7 +139,7 @@ def register(sub) -> None:
     p.set_defaults(handler=run_unlearn)
 
     p = sub.add_parser("evaluate", help="UA, RA, TA, MIA-Efficacy of a checkpoint (and gaps to a Retrain one)")
-    _add_common(p)
+    _add_common(p, "evaluate")
     _add_data(p, forget=True)
     p.add_argument("--checkpoint", help="the model to evaluate")
     p.add_argument("--retrain", help="a Retrain checkpoint: also report the gaps and the Avg. Gap")
@@ -239,7 +148,7 @@ def register(sub) -> None:
     p.set_defaults(handler=run_evaluate)
 
     p = sub.add_parser("reproduce", help="methods x seeds x forgetting ratios -> the paper's Table 1 and Figure 1")
-    _add_common(p)
+    _add_common(p, "reproduce")
     _add_data(p, forget=False)
     p.add_argument("--model", help="architecture (default: the dataset preset's)")
     p.add_argument("--model-option", action="append", help="builder option KEY=VALUE, e.g. width=16")
@@ -260,18 +169,16 @@ def register(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _setup(args: argparse.Namespace) -> argparse.Namespace:
-    args = resolve(args)
+def _threads(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    return args
 
 
 def _options(args: argparse.Namespace, checkpoint_dir: Path | None = None, ctx=None):
     """RunOptions from the flags; under torchrun (ctx distributed) the rank's device, DDP and the mask group."""
-    from salun_ext.unlearn import RunOptions
+    from salun_ext.train import RunOptions
 
     distributed = ctx is not None and ctx.is_distributed
     return RunOptions(
@@ -289,52 +196,37 @@ def _options(args: argparse.Namespace, checkpoint_dir: Path | None = None, ctx=N
 
 
 def _preset(args: argparse.Namespace) -> dict:
+    from salun_ext.classification.presets import preset_for
     from salun_ext.data import dataset_key
-    from salun_ext.unlearn.presets import preset_for
 
     return preset_for(dataset_key(args.dataset))
 
 
 def _load_data(args: argparse.Namespace):
-    """(training set, test set) of --dataset, the training set cut to --train-subset when given."""
-    from salun_ext.data import class_balanced_subset, load_dataset
+    from salun_ext.classification.workflows import load_train_test
 
-    train = load_dataset(args.dataset, args.data_root, train=True, download=bool(args.download))
-    test = load_dataset(args.dataset, args.data_root, train=False, download=bool(args.download))
-    if args.train_subset:
-        train = train.subset(class_balanced_subset(train.labels, args.train_subset))
-    return train, test
+    return load_train_test(
+        args.dataset, args.data_root, download=bool(args.download), train_subset=args.train_subset
+    )
 
 
 def _load_split(args: argparse.Namespace, spec=None):
-    """Datasets and the forget split the options describe; checks the checkpoint fits the data."""
-    from salun_ext.data import make_unlearning_split
+    """The forget split the options describe (the checkpoint's model must fit the data)."""
+    from salun_ext.classification.workflows import check_spec_fits, forget_split, read_forget_indices
 
     train, test = _load_data(args)
     if spec is not None:
-        shape = (train.channels, train.num_classes, train.image_size)
-        if (spec.in_channels, spec.num_classes, spec.image_size) != shape:
-            raise ValueError(
-                f"the checkpoint is a {spec.describe()}, but {train.name} has {train.channels} channel(s), "
-                f"{train.num_classes} classes and {train.image_size}px images"
-            )
-    given = [args.forget_ratio is not None, bool(args.forget_class), args.forget_indices is not None]
-    if sum(given) != 1:
-        raise ValueError("give exactly one of --forget-ratio, --forget-class, --forget-indices")
-    indices = None
-    if args.forget_indices is not None:
-        indices = json.loads(Path(args.forget_indices).read_text())
-        if not isinstance(indices, list):
-            raise ValueError(f"{args.forget_indices}: expected a JSON list of indices")
-    return make_unlearning_split(
+        check_spec_fits(spec, train)
+    indices = read_forget_indices(args.forget_indices) if args.forget_indices is not None else None
+    return forget_split(
         train,
         test,
         ratio=args.forget_ratio,
-        classes=args.forget_class or None,
+        classes=args.forget_class,
+        indices=indices,
         forget_seed=args.forget_seed,
         split_seed=args.split_seed,
         val_fraction=args.val_fraction,
-        forget_idx=indices,
     )
 
 
@@ -355,35 +247,17 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ handlers
-def _clean_errors(handler):
-    """Bad input (ValueError, FileNotFoundError, ...) -> one 'error:' line on stderr and exit status 2."""
-    import functools
-
-    @functools.wraps(handler)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"salun-ext {args.command}: error: {message}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
-@_clean_errors
 def run_train(args: argparse.Namespace) -> int:
-
-    args = _setup(args)
+    _threads(args)
     with distributed_session(args) as ctx:
         return _train(args, ctx)
 
 
 def _train(args: argparse.Namespace, ctx) -> int:
+    from salun_ext.classification import OriginalData, OriginalTrainConfig, train_original
     from salun_ext.data import dataset_key, train_val_split
-    from salun_ext.evaluation import accuracy, write_json
     from salun_ext.models import ModelSpec, save_classifier
-    from salun_ext.unlearn import OriginalTrainConfig, train_classifier
+    from salun_ext.utils import write_json
 
     preset = _preset(args)
     train_full, test = _load_data(args)
@@ -402,9 +276,9 @@ def _train(args: argparse.Namespace, ctx) -> int:
         }
     )
     out = Path(args.out or f"runs/train-{dataset_key(args.dataset)}-{model_name}/model.safetensors")
-    model = spec.build()
-    info = train_classifier(
-        model, train_full.subset(train_idx), config, _options(args, out.parent / "ckpt", ctx), augment=_augment(args)
+    data = OriginalData(train_full.subset(train_idx), train_full.subset(val_idx), test)
+    model, trained = train_original(
+        spec, data, config, _options(args, out.parent / "ckpt", ctx), augment=_augment(args), evaluate=ctx.is_main
     )
     if not ctx.is_main:  # rank 0 evaluates and writes; the others wait for it (the group closes together)
         ctx.barrier()
@@ -412,11 +286,7 @@ def _train(args: argparse.Namespace, ctx) -> int:
     record = {
         "dataset": dataset_key(args.dataset),
         "model": dataclasses.asdict(spec),
-        "config": dataclasses.asdict(config),
-        "seconds": info["seconds"],
-        "train_accuracy": accuracy(model, train_full.subset(train_idx)),
-        "val_accuracy": accuracy(model, train_full.subset(val_idx)) if len(val_idx) else None,
-        "test_accuracy": accuracy(model, test),
+        **trained,
         "split_seed": args.split_seed,
         "val_fraction": args.val_fraction,
         "seed": args.seed,
@@ -425,7 +295,7 @@ def _train(args: argparse.Namespace, ctx) -> int:
     write_json(record, out.with_suffix(".json"))
     shutil.rmtree(out.parent / "ckpt", ignore_errors=True)
     print(
-        f"trained {spec.describe()} in {info['seconds']:.1f} s: train {record['train_accuracy']:.2f}%, test "
+        f"trained {spec.describe()} in {record['seconds']:.1f} s: train {record['train_accuracy']:.2f}%, test "
         f"{record['test_accuracy']:.2f}% -> {out}"
     )
     ctx.barrier()
@@ -435,22 +305,21 @@ def _train(args: argparse.Namespace, ctx) -> int:
 def _model_and_split(args: argparse.Namespace, device=None):
     """The --checkpoint model (on `device`, default --device), its spec, and the forget split the options describe."""
     from salun_ext.models import load_classifier
-    from salun_ext.utils import resolve_device
+    from salun_ext.utils import UsageError, resolve_device
 
     if not args.checkpoint:
-        raise ValueError(f"`{args.command}` needs --checkpoint (a model written by `salun-ext train`)")
+        raise UsageError(f"`{args.command}` needs --checkpoint (a model written by `salun-ext train`)")
     model, spec, _ = load_classifier(args.checkpoint)
     split = _load_split(args, spec)
     device = resolve_device(args.device) if device is None else device
     return model.to(device), spec, split, device
 
 
-@_clean_errors
 def run_mask(args: argparse.Namespace) -> int:
+    from salun_ext.classification import forget_saliency
     from salun_ext.data import Batches
-    from salun_ext.unlearn import forget_saliency
 
-    args = _setup(args)
+    _threads(args)
     with distributed_session(args) as ctx:
         model, _, split, device = _model_and_split(args, ctx.device)
         forget = split.forget.to(device)
@@ -467,7 +336,7 @@ def run_mask(args: argparse.Namespace) -> int:
 
 
 def _write_masks(args: argparse.Namespace, split, masks) -> None:
-    from salun_ext.evaluation import write_json
+    from salun_ext.utils import write_json
 
     out = Path(args.out or Path(args.checkpoint).parent / "masks")
     out.mkdir(parents=True, exist_ok=True)
@@ -481,12 +350,12 @@ def _write_masks(args: argparse.Namespace, split, masks) -> None:
     )
 
 
-@_clean_errors
 def run_unlearn(args: argparse.Namespace) -> int:
+    from salun_ext.utils import UsageError
 
-    args = _setup(args)
+    _threads(args)
     if not args.method:
-        raise ValueError("`unlearn` needs --method (e.g. salun)")
+        raise UsageError("`unlearn` needs --method (e.g. salun)")
     with distributed_session(args) as ctx:
         code = _unlearn(args, ctx)
         ctx.barrier()  # the other ranks wait while rank 0 evaluates and writes
@@ -494,10 +363,10 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 
 def _unlearn(args: argparse.Namespace, ctx) -> int:
-    from salun_ext.evaluation import evaluate_unlearning, write_json
+    from salun_ext.classification import UnlearnData, get_method, method_key, unlearn_and_evaluate
     from salun_ext.mask import SaliencyMask
     from salun_ext.models import save_classifier
-    from salun_ext.unlearn import UnlearnData, get_method, method_key
+    from salun_ext.utils import write_json
 
     model, spec, split, _ = _model_and_split(args, ctx.device)
     preset = _preset(args)
@@ -516,26 +385,21 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
         batch_size=args.batch_size or preset.get("batch_size", 256),
         augment=_augment(args),
     )
-    result = method.run(model, data, _options(args, out / "ckpt", ctx), mask=mask)
+    result, outcome = unlearn_and_evaluate(
+        method,
+        model,
+        split,
+        data,
+        _options(args, out / "ckpt", ctx),
+        mask=mask,
+        evaluate=bool(args.evaluate) and ctx.is_main,
+        mia_shadow_size=args.mia_shadow_size,
+    )
     if not ctx.is_main:
         return 0
-    record = {
-        "method": name,
-        "label": method.label,
-        "config": dataclasses.asdict(method.config),
-        "checkpoint": str(args.checkpoint),
-        "mask": args.mask,
-        "split": split.describe(),
-        "seed": args.seed,
-        "rte_seconds": result.seconds,
-        "info": {k: v for k, v in result.info.items() if k != "history"},
-        "history": result.info.get("history"),
-    }
+    record = {**outcome, "checkpoint": str(args.checkpoint), "mask": args.mask, "seed": args.seed}
     print(f"{method.label}: unlearned in {result.seconds:.2f} s ({result.minutes:.3f} min)")
-    if args.evaluate:
-        record["metrics"] = evaluate_unlearning(
-            model, split.forget, split.retain, split.test, mia_shadow_size=args.mia_shadow_size, seed=args.seed
-        )
+    if "metrics" in record:
         _print_metrics(record["metrics"])
     save_classifier(out / "model.safetensors", model, spec, extra={"method": name})
     written = "model.safetensors, run.json"
@@ -548,13 +412,13 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
     return 0
 
 
-@_clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
-    from salun_ext.evaluation import avg_gap, evaluate_unlearning, gaps, write_json
+    from salun_ext.classification.evaluation import avg_gap, evaluate_unlearning, gaps
     from salun_ext.models import load_classifier
+    from salun_ext.utils import write_json
 
     single_process_only("evaluate")
-    args = _setup(args)
+    _threads(args)
     model, spec, split, device = _model_and_split(args)
     metrics = evaluate_unlearning(
         model, split.forget, split.retain, split.test, mia_shadow_size=args.mia_shadow_size, seed=args.seed
@@ -586,8 +450,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def build_experiment_config(args: argparse.Namespace):
     """An ExperimentConfig from resolved `reproduce` options."""
-    from salun_ext.experiment import ExperimentConfig
-    from salun_ext.unlearn import EXTRA_METHODS, PAPER_METHODS
+    from salun_ext.classification import EXTRA_METHODS, PAPER_METHODS
+    from salun_ext.classification.experiment import ExperimentConfig
 
     methods: list[str] = []
     for m in args.methods:
@@ -632,11 +496,10 @@ def build_experiment_config(args: argparse.Namespace):
     )
 
 
-@_clean_errors
 def run_reproduce(args: argparse.Namespace) -> int:
-    from salun_ext.experiment import reproduce
+    from salun_ext.classification.experiment import reproduce
 
     single_process_only("reproduce")
-    args = _setup(args)
+    _threads(args)
     reproduce(build_experiment_config(args))
     return 0

@@ -201,7 +201,7 @@ def _load_ddpm(args, device=None):
 
 
 def _load_sd(args, device=None):
-    from salun_ext.diffusion.stable_diffusion import StableDiffusion
+    from salun_ext.diffusion.sd import StableDiffusion
 
     return StableDiffusion.from_pretrained(
         args.pipeline,
@@ -242,7 +242,7 @@ def _sd_sets_in_turn(args, sd, ctx):
 
 def _sd_sets(args, sd):
     """(spec, forget, retain, forget prompt) from a concept / prompts / class folders; images generated if absent."""
-    from salun_ext.diffusion.stable_diffusion import (
+    from salun_ext.diffusion.sd import (
         PromptedImages,
         class_folders,
         class_wise_sets,
@@ -298,7 +298,7 @@ def _train(args, ctx) -> None:
     from salun_ext.data import load_dataset
     from salun_ext.diffusion.ddpm import PRESETS, ClassConditionalDDPM, dataset_to_set
     from salun_ext.diffusion.methods import EpsTask, run_task
-    from salun_ext.engine import EngineConfig, OptimConfig
+    from salun_ext.train.engine import EngineConfig, OptimConfig
 
     dataset = load_dataset(args.dataset or "digits", args.data_root, train=True)
     config = dataclasses.replace(PRESETS[args.preset], channels=dataset.channels)
@@ -484,7 +484,7 @@ def _unshard_for_saving(unet, unet_class, owner) -> None:
 
 def run_sample(args) -> int:
     from salun_ext.diffusion.evaluation import save_grid
-    from salun_ext.diffusion.stable_diffusion import save_images
+    from salun_ext.diffusion.sd import save_images
 
     single_process_only("diffusion sample")
     if args.model:
@@ -618,7 +618,7 @@ def _evaluate_sd(args, out: Path) -> int:
 def _evaluate_sd_classes(args, out: Path) -> int:
     """Class-wise SD: a torchvision ImageNet classifier on "an image of a {class}" images, UA of the forgotten class."""
     from salun_ext.diffusion.evaluation import prompt_class_accuracy, save_grid, torchvision_classifier
-    from salun_ext.diffusion.stable_diffusion import IMAGENETTE_TO_IMAGENET
+    from salun_ext.diffusion.sd import IMAGENETTE_TO_IMAGENET
 
     if not args.classifier_weights:
         _fail("--classifier-arch needs --classifier-weights (a local state_dict file)")

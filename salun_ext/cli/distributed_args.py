@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 
 from salun_ext.distributed.runtime import DEFAULT_TIMEOUT_S, DistContext, configure_logging, init_distributed
+from salun_ext.utils.errors import UsageError
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +44,8 @@ def single_process_only(command: str) -> None:
     """
     world = os.environ.get("WORLD_SIZE", "1")
     if world.strip() not in ("", "0", "1"):
-        raise SystemExit(
-            f"salun-ext {command}: error: this command runs in one process only, but it was started with "
+        raise UsageError(
+            f"this command runs in one process only, but it was started with "
             f"WORLD_SIZE={world}; run it without torchrun (see docs/distributed.md for the commands that support it)"
         )
 

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from salun_ext.env import print_env
+    from salun_ext.ops.diagnostics import print_env
 
     print_env(sys.stdout)
     return 0

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
+from salun_ext.cli.config import add_config_flag
 from salun_ext.cli.distributed_args import add_distributed_args, distributed_session
+
+
+def lm_methods():
+    from salun_ext.lm.methods import METHODS
+
+    return METHODS
 
 
 def register(sub) -> None:
@@ -17,7 +23,7 @@ def register(sub) -> None:
     un = lm_sub.add_parser("unlearn", help="SalUn-masked GA / NPO / IDK / random-label unlearning of a causal LM")
     _data_args(un)
     un.add_argument("--out", required=True, help="output folder: model/, mask.safetensors, metrics.json, checkpoints/")
-    un.add_argument("--method", choices=["ga", "npo", "idk", "random_label"], default="npo")
+    un.add_argument("--method", choices=list(lm_methods()), default="npo")
     mask = un.add_mutually_exclusive_group()
     mask.add_argument("--mask-ratio", type=float, default=0.5, help="SalUn: fraction of weights that train (0.5)")
     mask.add_argument("--no-mask", action="store_true", help="the plain method: every weight trains")
@@ -46,6 +52,7 @@ def register(sub) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
+    add_config_flag(p)
     p.add_argument("--model", required=True, help="local model folder (save_pretrained layout) or hub id")
     p.add_argument("--forget", required=True, help="forget set: .jsonl / .json records or a text file (a line each)")
     p.add_argument("--retain", default=None, help="retain set (same formats)")
@@ -109,19 +116,11 @@ def _print_metrics(title: str, metrics: dict) -> None:
     )
 
 
-def _write_json(path: str, obj: dict) -> None:
-    from salun_ext.utils import atomic_save
-
-    def dump(o, p):
-        with open(p, "w") as f:
-            json.dump(o, f, indent=2)
-
-    atomic_save(obj, path, saver=dump)
-
-
 def run_unlearn(args: argparse.Namespace) -> int:
     from salun_ext.distributed import load_mask, main_print, save_mask
     from salun_ext.lm import LMUnlearnConfig, save_causal_lm, unlearn_lm
+    from salun_ext.train import RunOptions
+    from salun_ext.utils import UsageError, write_json
 
     with distributed_session(args) as ctx:
         config = LMUnlearnConfig(
@@ -137,10 +136,18 @@ def run_unlearn(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             batch_size=args.batch_size,
             max_length=args.max_length,
-            amp=args.amp,
             grad_clip=args.grad_clip or None,
-            seed=args.seed,
             saliency_batches=args.saliency_batches,
+        )
+        options = RunOptions(
+            device=str(ctx.device),
+            seed=args.seed,
+            amp=args.amp,
+            checkpoint_dir=os.path.join(args.out, "checkpoints"),
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress,
+            distributed=ctx.engine_mode,
         )
         model, tokenizer, forget, retain = _load(args, ctx, gradient_checkpointing=args.gradient_checkpointing)
         mask_path = os.path.join(args.out, "mask.safetensors")
@@ -150,26 +157,20 @@ def run_unlearn(args: argparse.Namespace) -> int:
         elif args.resume and config.mask_ratio is not None and os.path.exists(mask_path):
             mask = load_mask(mask_path)  # the mask of the interrupted run (computed on the same initial model)
             if mask.ratio != config.mask_ratio:
-                raise ValueError(
+                raise UsageError(
                     f"{mask_path}: saved for mask ratio {mask.ratio}, but --mask-ratio is {config.mask_ratio}"
                 )
-        metrics: dict = {"config": dataclasses.asdict(config), "model": args.model, "world_size": ctx.world_size}
+        metrics: dict = {
+            "config": dataclasses.asdict(config),
+            "seed": args.seed,
+            "amp": args.amp,
+            "model": args.model,
+            "world_size": ctx.world_size,
+        }
         if args.eval == "both":
             metrics["before"] = _evaluate(model, tokenizer, forget, retain, args)
             _print_metrics("before unlearning:", metrics["before"])
-        result = unlearn_lm(
-            model,
-            tokenizer,
-            forget,
-            retain,
-            config,
-            mask=mask,
-            distributed=ctx.engine_mode,
-            device=str(ctx.device),
-            checkpoint_dir=os.path.join(args.out, "checkpoints"),
-            resume=args.resume,
-            progress=not args.no_progress,
-        )
+        result = unlearn_lm(model, tokenizer, forget, retain, config, options, mask=mask)
         if result.mask is not None:
             if mask is None:
                 save_mask(result.mask, mask_path)
@@ -180,7 +181,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             _print_metrics("after unlearning:", metrics["after"])
         if ctx.is_main:
             save_causal_lm(model, tokenizer, os.path.join(args.out, "model"))
-            _write_json(os.path.join(args.out, "metrics.json"), metrics)
+            write_json(metrics, os.path.join(args.out, "metrics.json"))
             main_print(f"unlearned model, mask and metrics written to {args.out}")
         ctx.barrier()
     return 0
@@ -192,5 +193,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         metrics = _evaluate(model, tokenizer, forget, retain, args)
         _print_metrics(f"{args.model}:", metrics)
         if args.out and ctx.is_main:
-            _write_json(args.out, metrics)
+            from salun_ext.utils import write_json
+
+            write_json(metrics, args.out)
     return 0

@@ -8,7 +8,7 @@ The paper's splits: `make_unlearning_split` (seeded per-class val hold-out, rand
 from __future__ import annotations
 
 from salun_ext.data.datasets import DATASETS, ImageDataset, dataset_key, default_roots, load_dataset
-from salun_ext.data.loader import Augment, Batches, derive_seed, epoch_generator
+from salun_ext.data.loader import Augment, Batches
 from salun_ext.data.splits import (
     UnlearningSplit,
     class_balanced_subset,
@@ -16,6 +16,7 @@ from salun_ext.data.splits import (
     select_forget,
     train_val_split,
 )
+from salun_ext.utils.errors import UsageError
 
 # The paper's training transform (random crop, padding 4, + horizontal flip) for the natural-image datasets. The
 # paper code trains SVHN without augmentation; the small grey-scale sets train without it too (they converge in a
@@ -42,7 +43,7 @@ def resolve_augment(choice: str, dataset: str) -> Augment | None:
         return None
     if choice == "crop_flip":
         return Augment(pad=4, flip=True)
-    raise ValueError(f"augment must be 'auto', 'none' or 'crop_flip', got {choice!r}")
+    raise UsageError(f"augment must be 'auto', 'none' or 'crop_flip', got {choice!r}")
 
 
 __all__ = [
@@ -56,8 +57,6 @@ __all__ = [
     "dataset_key",
     "default_augment",
     "default_roots",
-    "derive_seed",
-    "epoch_generator",
     "load_dataset",
     "make_unlearning_split",
     "resolve_augment",

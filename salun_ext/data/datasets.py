@@ -28,6 +28,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from salun_ext.utils.errors import MissingFileError, UsageError
+
 
 @dataclasses.dataclass
 class ImageDataset:
@@ -40,11 +42,11 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: {self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}"
             )
 
@@ -102,8 +104,8 @@ def _find_folder(roots: list[Path], folder: str, marker: str) -> Path | None:
     return None
 
 
-def _not_found(what: str, files: str, roots: list[Path], how: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _not_found(what: str, files: str, roots: list[Path], how: str) -> MissingFileError:
+    return MissingFileError(
         f"{what} not found: looked for {files} in {[str(r) for r in roots]}. {how} "
         f"(pass root=... / --data-root, or set ${DATA_ENV})"
     )
@@ -168,7 +170,7 @@ def _fashion_mnist(root: str | None, train: bool, download: bool = False) -> Ima
     img_path = _find_idx_file(roots, f"{prefix}-images-idx3-ubyte")
     lbl_path = _find_idx_file(roots, f"{prefix}-labels-idx1-ubyte")
     if img_path is None or lbl_path is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) not found in "
             f"{[str(r) for r in roots]} (also looked in <root>/FashionMNIST/raw). Get them with "
             "`apt-get install dataset-fashion-mnist` (Debian) or torchvision.datasets.FashionMNIST(root, download=True)"
@@ -203,19 +205,19 @@ def _load_pickle(path: Path) -> dict:
         try:
             obj = _ArrayUnpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable CIFAR python batch file ({exc})") from exc
+            raise UsageError(f"{path}: not a readable CIFAR python batch file ({exc})") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(obj).__name__}")
+        raise UsageError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
 
 
 def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_pickle(path)
     if "data" not in batch or label_key not in batch:
-        raise ValueError(f"{path}: missing 'data' or '{label_key}' (found keys {sorted(batch)})")
+        raise UsageError(f"{path}: missing 'data' or '{label_key}' (found keys {sorted(batch)})")
     data = np.asarray(batch["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' must be N x 3072 uint8, got shape {data.shape}")
+        raise UsageError(f"{path}: 'data' must be N x 3072 uint8, got shape {data.shape}")
     labels = np.asarray(batch[label_key], dtype=np.int64)
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -284,9 +286,9 @@ def _svhn(root: str | None, train: bool, download: bool = False) -> ImageDataset
     try:
         mat = scipy.io.loadmat(base / filename)
     except Exception as exc:  # scipy raises several types for corrupt files
-        raise ValueError(f"{base / filename}: not a readable SVHN .mat file ({exc})") from exc
+        raise UsageError(f"{base / filename}: not a readable SVHN .mat file ({exc})") from exc
     if "X" not in mat or "y" not in mat:
-        raise ValueError(f"{base / filename}: expected variables 'X' and 'y', found {sorted(mat)}")
+        raise UsageError(f"{base / filename}: expected variables 'X' and 'y', found {sorted(mat)}")
     x = np.asarray(mat["X"], dtype=np.uint8)  # 32 x 32 x 3 x N
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))
     labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
@@ -320,7 +322,7 @@ def _tinyimagenet(root: str | None, train: bool, download: bool = False) -> Imag
     roots = _roots(root)
     base = _find_folder(roots, "tiny-imagenet-200", "train")
     if download and base is None:
-        raise ValueError(
+        raise UsageError(
             "TinyImageNet cannot be downloaded through torchvision: download "
             "http://cs231n.stanford.edu/tiny-imagenet-200.zip and extract it into the data root"
         )
@@ -359,7 +361,7 @@ def _tinyimagenet(root: str | None, train: bool, download: bool = False) -> Imag
                 paths += found
                 labels += [index[wnid]] * len(found)
     if not paths:
-        raise FileNotFoundError(f"TinyImageNet: no {'train' if train else 'val'} images found under {base}")
+        raise MissingFileError(f"TinyImageNet: no {'train' if train else 'val'} images found under {base}")
     images = _read_images(paths, 64, f"tinyimagenet {'train' if train else 'val'}")
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), wnids, "tinyimagenet")
 
@@ -386,7 +388,7 @@ def dataset_key(name: str) -> str:
     }
     key = aliases.get(key, key)
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
     return key
 
 

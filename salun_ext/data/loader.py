@@ -2,10 +2,10 @@
 
 A DataLoader decodes and augments on the CPU, one sample at a time; for datasets that fit in device memory
 (CIFAR-10: 138 MB as uint8) that makes a GPU epoch CPU-bound. `Batches` keeps the uint8 images on the device,
-draws the permutation and the augmentation parameters from a generator seeded by (seed, epoch) (so a resumed
+draws the permutation and the augmentation parameters from the generator of (seed, stream, epoch) (so a resumed
 epoch replays exactly), and converts to float [0, 1] per batch.
 
-    batches = Batches(images_u8, labels, batch_size=256, shuffle=True, augment=Augment(pad=4, flip=True), seed=0)
+    batches = Batches(images_u8, labels, batch_size=256, augment=Augment(pad=4, flip=True), seed=0, stream="retain")
     for x, y in batches.epoch(3): ...
 """
 
@@ -15,20 +15,11 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (seed, epoch, stream, ...), well mixed (NumPy SeedSequence)."""
-    state = np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def epoch_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by derive_seed(*parts)."""
-    return torch.Generator().manual_seed(derive_seed(*parts))
+from salun_ext.utils.errors import UsageError
+from salun_ext.utils.seeding import epoch_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +47,10 @@ class Augment:
 
 
 class Batches:
-    """Seeded mini-batches (x float [0, 1], *extra tensors) of uint8 images held on their device."""
+    """Seeded mini-batches (x float [0, 1], *extra tensors) of uint8 images held on their device.
+
+    `seed` is the run's seed and `stream` the name of this source's random stream (salun_ext.utils.seeding).
+    """
 
     def __init__(
         self,
@@ -66,21 +60,23 @@ class Batches:
         shuffle: bool = True,
         augment: Augment | None = None,
         seed: int = 0,
+        stream: str = "batches",
         drop_last: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+            raise UsageError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
         for t in tensors:
             if t.shape[0] != images.shape[0]:
-                raise ValueError(f"every tensor needs {images.shape[0]} rows, got {tuple(t.shape)}")
+                raise UsageError(f"every tensor needs {images.shape[0]} rows, got {tuple(t.shape)}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.images = images
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
         self.seed = seed
+        self.stream = stream
         self.drop_last = drop_last
 
     def __len__(self) -> int:
@@ -92,9 +88,9 @@ class Batches:
         return self.images.shape[0]
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The batches of one epoch (the same for the same (seed, epoch))."""
+        """The batches of one epoch (the same for the same (seed, stream, epoch))."""
         n = self.images.shape[0]
-        gen = epoch_generator(self.seed, epoch)
+        gen = epoch_generator(self.seed, epoch, self.stream)
         order = torch.randperm(n, generator=gen).to(self.images.device) if self.shuffle else None
         for i in range(len(self)):
             sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))

@@ -18,6 +18,7 @@ import torch
 
 from salun_ext.data.datasets import ImageDataset
 from salun_ext.saliency import ratio_to_k
+from salun_ext.utils.errors import UsageError
 
 DEFAULT_SPLIT_SEED = 2  # the paper code's default seed
 DEFAULT_VAL_FRACTION = 0.1  # CIFAR-10: 50k -> 45k train + 5k val
@@ -28,7 +29,7 @@ def train_val_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out floor(val_fraction * n_c) samples of every class c (seeded). Returns sorted (train, val) indices."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
     labels_np = labels.cpu().numpy()
     rng = np.random.RandomState(seed)
     val = [
@@ -48,13 +49,13 @@ def class_balanced_subset(labels: torch.Tensor, size: int, seed: int = 0) -> tor
     classes = np.unique(labels_np)
     per_class = size // len(classes)
     if per_class < 1:
-        raise ValueError(f"a subset of {size} samples cannot hold one sample of each of {len(classes)} classes")
+        raise UsageError(f"a subset of {size} samples cannot hold one sample of each of {len(classes)} classes")
     rng = np.random.RandomState(seed)
     chosen = []
     for c in classes:
         idx = np.flatnonzero(labels_np == c)
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {per_class} the subset needs")
+            raise UsageError(f"class {c} has {len(idx)} samples, fewer than the {per_class} the subset needs")
         chosen.append(rng.choice(idx, per_class, replace=False))
     return torch.from_numpy(np.sort(np.concatenate(chosen)).astype(np.int64))
 
@@ -72,7 +73,7 @@ def select_forget(
     """
     n = int(labels.numel())
     if (ratio is None) == (classes is None):
-        raise ValueError("give exactly one of ratio= (random forgetting) or classes= (class-wise forgetting)")
+        raise UsageError("give exactly one of ratio= (random forgetting) or classes= (class-wise forgetting)")
     if ratio is not None:
         count = ratio_to_k(ratio, n)
         chosen = np.sort(np.random.RandomState(seed).choice(n, count, replace=False)) if count else np.zeros(0)
@@ -82,15 +83,15 @@ def select_forget(
         present = set(labels.unique().tolist())
         missing = [c for c in classes if c not in present]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"class-wise forgetting: class(es) {missing} have no training sample (labels: {sorted(present)})"
             )
         chosen = np.flatnonzero(np.isin(labels.cpu().numpy(), classes))
         what = f"class-wise forgetting of class(es) {classes}"
     if len(chosen) == 0:
-        raise ValueError(f"the forget set is empty ({what}); choose a larger ratio or another class")
+        raise UsageError(f"the forget set is empty ({what}); choose a larger ratio or another class")
     if len(chosen) == n:
-        raise ValueError(f"the forget set is the whole training set ({what}): nothing would be retained")
+        raise UsageError(f"the forget set is the whole training set ({what}): nothing would be retained")
     return torch.from_numpy(chosen.astype(np.int64))
 
 
@@ -112,11 +113,11 @@ class UnlearningSplit:
         n = len(self.train)
         both = torch.cat([self.forget_idx, self.retain_idx])
         if both.numel() != n or not torch.equal(both.sort().values, torch.arange(n)):
-            raise ValueError("forget_idx and retain_idx must be disjoint and cover the training split")
+            raise UsageError("forget_idx and retain_idx must be disjoint and cover the training split")
         if self.forget_idx.numel() == 0:
-            raise ValueError("the forget set is empty")
+            raise UsageError("the forget set is empty")
         if self.retain_idx.numel() == 0:
-            raise ValueError("the forget set is the whole training set: nothing would be retained")
+            raise UsageError("the forget set is the whole training set: nothing would be retained")
 
     @property
     def forget(self) -> ImageDataset:
@@ -164,11 +165,11 @@ def make_unlearning_split(
     if forget_idx is not None:
         forget_idx = torch.as_tensor(forget_idx, dtype=torch.int64).unique()
         if forget_idx.numel() and (forget_idx.min() < 0 or forget_idx.max() >= len(train)):
-            raise ValueError(f"forget indices must lie in [0, {len(train)}) (the training split)")
+            raise UsageError(f"forget indices must lie in [0, {len(train)}) (the training split)")
         if forget_idx.numel() == 0:
-            raise ValueError("the forget set is empty (no forget indices given)")
+            raise UsageError("the forget set is empty (no forget indices given)")
         if forget_idx.numel() == len(train):
-            raise ValueError("the forget set is the whole training set: nothing would be retained")
+            raise UsageError("the forget set is the whole training set: nothing would be retained")
     else:
         forget_idx = select_forget(train.labels, ratio=ratio, classes=classes, seed=forget_seed)
     keep = torch.ones(len(train), dtype=torch.bool)

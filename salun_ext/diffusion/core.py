@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from salun_ext.utils.errors import UsageError
+
 # ---------------------------------------------------------------------------------------------------- validation
 
 
@@ -26,7 +28,7 @@ def check_guidance(scale: float, name: str = "guidance_scale") -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (diffusers' convention, 7.5 for SD), got {scale}")
+        raise UsageError(f"{name} must be a finite number >= 0 (diffusers' convention, 7.5 for SD), got {scale}")
     return float(scale)
 
 
@@ -35,14 +37,14 @@ def check_steps(steps: int, num_train_timesteps: int, name: str = "num_inference
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"{name} must be an int, got {type(steps).__name__}")
     if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"{name} must be in [1, {num_train_timesteps}] (the training timesteps), got {steps}")
+        raise UsageError(f"{name} must be in [1, {num_train_timesteps}] (the training timesteps), got {steps}")
     return steps
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+        raise UsageError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------- conditioning
@@ -74,11 +76,11 @@ class PromptConditioner:
 
     def __init__(self, embeddings: torch.Tensor, prompts: Sequence[str]) -> None:
         if embeddings.dim() != 3 or embeddings.shape[0] != len(prompts):
-            raise ValueError(
+            raise UsageError(
                 f"embeddings must be P x L x D with P = len(prompts) = {len(prompts)}, got {tuple(embeddings.shape)}"
             )
         if prompts[0] != "":
-            raise ValueError(f"row 0 of a PromptConditioner must be the empty prompt, got {prompts[0]!r}")
+            raise UsageError(f"row 0 of a PromptConditioner must be the empty prompt, got {prompts[0]!r}")
         self.embeddings = embeddings.detach()
         self.prompts = list(prompts)
         self._by_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -133,7 +135,7 @@ class DiffusionSpec:
         """eps(null) + s (eps(c) - eps(null)), with both branches in one batched forward pass."""
         n = x_t.shape[0]
         if t.shape != (n,):
-            raise ValueError(f"t must hold one timestep per sample ({n}), got shape {tuple(t.shape)}")
+            raise UsageError(f"t must hold one timestep per sample ({n}), got shape {tuple(t.shape)}")
         both = self.eps(
             unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([ids, torch.full_like(ids, self.null_id)])
         )
@@ -148,7 +150,7 @@ def eps_mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -
         return F.mse_loss(pred, target)
     if reduction == "sum":
         return (pred - target).pow(2).flatten(1).sum(1).mean()
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 @torch.no_grad()
@@ -204,13 +206,13 @@ class DiffusionSet:
 
     def __post_init__(self) -> None:
         if self.x0.dim() != 4:
-            raise ValueError(f"DiffusionSet.x0 must be N x C x H x W, got shape {tuple(self.x0.shape)}")
+            raise UsageError(f"DiffusionSet.x0 must be N x C x H x W, got shape {tuple(self.x0.shape)}")
         if self.ids.shape != (self.x0.shape[0],):
-            raise ValueError(f"DiffusionSet: {self.x0.shape[0]} examples but ids of shape {tuple(self.ids.shape)}")
+            raise UsageError(f"DiffusionSet: {self.x0.shape[0]} examples but ids of shape {tuple(self.ids.shape)}")
         if self.target_ids is not None and self.target_ids.shape != self.ids.shape:
-            raise ValueError("DiffusionSet.target_ids must have the shape of ids")
+            raise UsageError("DiffusionSet.target_ids must have the shape of ids")
         if len(self) == 0:
-            raise ValueError("DiffusionSet is empty")
+            raise UsageError("DiffusionSet is empty")
 
     def __len__(self) -> int:
         return self.ids.numel()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from salun_ext.diffusion.core import ClassConditioner, DiffusionSet, DiffusionSpec, check_guidance, check_steps, denoise
+from salun_ext.utils.errors import MissingFileError, UsageError
 
 PathLike = str | os.PathLike
 CONFIG_NAME = "salun_ddpm.json"
@@ -65,11 +66,11 @@ PRESETS: dict[str, DDPMConfig] = {
 def unet_kwargs(config: DDPMConfig, num_classes: int) -> dict:
     levels = len(config.block_out_channels)
     if len(config.attention_levels) != levels:
-        raise ValueError(
+        raise UsageError(
             f"attention_levels has {len(config.attention_levels)} entries but block_out_channels has {levels}"
         )
     if config.image_size % (2 ** (levels - 1)):
-        raise ValueError(f"image_size {config.image_size} must be divisible by 2^{levels - 1} ({levels} levels)")
+        raise UsageError(f"image_size {config.image_size} must be divisible by 2^{levels - 1} ({levels} levels)")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
     return dict(
@@ -94,7 +95,7 @@ class ClassConditionalDDPM:
         classes = [str(c) for c in classes]
         embeds = unet.config.num_class_embeds
         if embeds != len(classes) + 1:
-            raise ValueError(
+            raise UsageError(
                 f"the UNet has {embeds} class embeddings but {len(classes)} classes were given "
                 "(expected num_classes + 1: the last embedding is the null class of classifier-free guidance)"
             )
@@ -111,7 +112,7 @@ class ClassConditionalDDPM:
 
         if isinstance(config, str):
             if config not in PRESETS:
-                raise ValueError(f"unknown DDPM preset {config!r}; available: {sorted(PRESETS)}")
+                raise UsageError(f"unknown DDPM preset {config!r}; available: {sorted(PRESETS)}")
             config = PRESETS[config]
         if seed is not None:
             torch.manual_seed(seed)
@@ -158,14 +159,14 @@ class ClassConditionalDDPM:
         """Index of a class given by index or name; a clear error for an unknown one."""
         if isinstance(cls, int) and not isinstance(cls, bool):
             if not 0 <= cls < self.num_classes:
-                raise ValueError(f"class index {cls} is out of range: this model has classes 0..{self.num_classes - 1}")
+                raise UsageError(f"class index {cls} is out of range: this model has classes 0..{self.num_classes - 1}")
             return cls
         if isinstance(cls, str):
             if cls in self.classes:
                 return self.classes.index(cls)
             if cls.isdigit() and 0 <= int(cls) < self.num_classes:
                 return int(cls)
-        raise ValueError(f"unknown class {cls!r}; this model's classes are {self.classes}")
+        raise UsageError(f"unknown class {cls!r}; this model's classes are {self.classes}")
 
     # ------------------------------------------------------------------ sampling
     def sampling_scheduler(self, sampler: str = "ddim"):
@@ -175,7 +176,7 @@ class ClassConditionalDDPM:
             return DDIMScheduler.from_config(self.scheduler.config)  # eta = 0: deterministic given the noise
         if sampler == "ddpm":
             return DDPMScheduler.from_config(self.scheduler.config)
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        raise UsageError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
 
     @torch.no_grad()
     def sample(
@@ -241,16 +242,16 @@ class ClassConditionalDDPM:
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"DDPM folder not found: {folder}")
+            raise MissingFileError(f"DDPM folder not found: {folder}")
         missing = [p for p in (CONFIG_NAME, "unet", "scheduler") if not (folder / p).exists()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{folder} is not a salun_ext class-conditional DDPM folder: missing {missing} "
                 "(written by ClassConditionalDDPM.save_pretrained / `salun-ext diffusion train`)"
             )
         meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{folder / CONFIG_NAME}: not a salun_ext DDPM config (format={meta.get('format')!r})")
+            raise UsageError(f"{folder / CONFIG_NAME}: not a salun_ext DDPM config (format={meta.get('format')!r})")
         unet = UNet2DModel.from_pretrained(folder / "unet")  # safetensors: no code runs
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         return cls(unet, scheduler, meta["classes"], meta.get("dataset")).to(device)
@@ -270,9 +271,9 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 def dataset_to_set(model: ClassConditionalDDPM, dataset, classes: Sequence[int] | None = None) -> DiffusionSet:
     """An ImageDataset (uint8 N x C x H x W + labels) as DDPM training data in [-1, 1] at the model's size."""
     if dataset.channels != model.channels:
-        raise ValueError(f"dataset {dataset.name!r} has {dataset.channels} channels, the model {model.channels}")
+        raise UsageError(f"dataset {dataset.name!r} has {dataset.channels} channels, the model {model.channels}")
     if dataset.num_classes != model.num_classes:
-        raise ValueError(f"dataset {dataset.name!r} has {dataset.num_classes} classes, the model {model.num_classes}")
+        raise UsageError(f"dataset {dataset.name!r} has {dataset.num_classes} classes, the model {model.num_classes}")
     keep = torch.ones(len(dataset), dtype=torch.bool)
     if classes is not None:
         keep = torch.isin(dataset.labels, torch.tensor(list(classes), dtype=torch.long))
@@ -283,7 +284,7 @@ def dataset_to_set(model: ClassConditionalDDPM, dataset, classes: Sequence[int] 
 def next_other_class(labels: torch.Tensor, forget_classes: Sequence[int], num_classes: int) -> torch.Tensor:
     """c' of SalUn's forget loss as the paper's code: (c + 1) % C, skipping other forgotten classes."""
     if len(set(forget_classes)) >= num_classes:
-        raise ValueError("every class is forgotten: SalUn needs at least one remaining class as c'")
+        raise UsageError("every class is forgotten: SalUn needs at least one remaining class as c'")
     out = (labels + 1) % num_classes
     forgotten = torch.tensor(list(forget_classes), dtype=torch.long)
     while bool(torch.isin(out, forgotten).any()):
@@ -298,7 +299,7 @@ def random_other_class(
     """c' drawn uniformly from the remaining classes, per example (the paper's text: any c' != c)."""
     remaining = torch.tensor([c for c in range(num_classes) if c not in set(forget_classes)], dtype=torch.long)
     if remaining.numel() == 0:
-        raise ValueError("every class is forgotten: SalUn needs at least one remaining class as c'")
+        raise UsageError("every class is forgotten: SalUn needs at least one remaining class as c'")
     return remaining[torch.randint(0, remaining.numel(), labels.shape, generator=generator)]
 
 
@@ -313,18 +314,18 @@ def forget_retain_sets(
     """Class-wise forgetting data: the forget classes' images (with c' as target_ids) and every other image."""
     ids = sorted({model.class_id(c) for c in forget_classes})
     if not ids:
-        raise ValueError("forget_classes is empty")
+        raise UsageError("forget_classes is empty")
     full = dataset_to_set(model, dataset)
     is_forget = torch.isin(full.ids, torch.tensor(ids))
     if bool(is_forget.all()):
-        raise ValueError("nothing is left to retain: every class is forgotten")
+        raise UsageError("nothing is left to retain: every class is forgotten")
     if not bool(is_forget.any()):
-        raise ValueError(f"the dataset has no example of the forget class(es) {[model.classes[i] for i in ids]}")
+        raise UsageError(f"the dataset has no example of the forget class(es) {[model.classes[i] for i in ids]}")
     forget, retain = full.subset(is_forget), full.subset(~is_forget)
     if target == "next":
         forget.target_ids = next_other_class(forget.ids, ids, model.num_classes)
     elif target == "random":
         forget.target_ids = random_other_class(forget.ids, ids, model.num_classes, torch.Generator().manual_seed(seed))
     else:
-        raise ValueError(f"target must be 'next' or 'random', got {target!r}")
+        raise UsageError(f"target must be 'next' or 'random', got {target!r}")
     return forget, retain

@@ -79,7 +79,7 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
     )
     from salun_ext.diffusion.methods import EpsTask, SalUnTask, recipe, run_task
     from salun_ext.diffusion.saliency import diffusion_saliency
-    from salun_ext.engine import EngineConfig, OptimConfig
+    from salun_ext.train.engine import EngineConfig, OptimConfig
     from salun_ext.utils import resolve_device
 
     out = Path(out)

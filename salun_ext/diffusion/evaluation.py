@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from salun_ext.engine import Engine, EngineConfig, OptimConfig
+from salun_ext.train.engine import Engine, EngineConfig, OptimConfig
+from salun_ext.utils.errors import MissingFileError, UsageError
 
 PathLike = str | os.PathLike
 
@@ -113,7 +114,7 @@ def class_accuracies(
     classes = list(range(model.num_classes)) if classes is None else [model.class_id(c) for c in classes]
     counts = n_per_class if isinstance(n_per_class, dict) else dict.fromkeys(classes, n_per_class)
     if any(counts.get(c, 0) < 1 for c in classes):
-        raise ValueError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
+        raise UsageError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
     labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in classes])
     images = model.sample(
         labels,
@@ -151,7 +152,7 @@ class PenultimateFeatures(torch.nn.Module):
         super().__init__()
         linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
-            raise ValueError("the classifier has no Linear layer to take penultimate features from")
+            raise UsageError("the classifier has no Linear layer to take penultimate features from")
         self.classifier = classifier.eval()
         self.head = linears[-1]
         self.num_features = self.head.in_features
@@ -172,7 +173,7 @@ def find_inception_weights(path: PathLike | None = None) -> Path | None:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weights not found: {path}")
+            raise MissingFileError(f"Inception weights not found: {path}")
         return path
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     found = sorted(cache.glob("weights-inception-2015-12-05-*.pth")) if cache.is_dir() else []
@@ -206,7 +207,7 @@ def frechet_distance(
             return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
     else:
         if classifier is None:
-            raise ValueError(
+            raise UsageError(
                 "no Inception weights found (pass inception_weights= or put torch-fidelity's "
                 "weights-inception-2015-12-05-*.pth in the torch hub cache), and no classifier for the fallback"
             )
@@ -305,16 +306,16 @@ def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1
     import torchvision
 
     if not hasattr(torchvision.models, arch):
-        raise ValueError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
+        raise UsageError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"classifier weights not found: {path}")
+        raise MissingFileError(f"classifier weights not found: {path}")
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"{path} does not hold {arch} weights with {num_classes} classes: {exc}") from exc
+        raise UsageError(f"{path} does not hold {arch} weights with {num_classes} classes: {exc}") from exc
     return ImageNetClassifier(net).eval()
 
 

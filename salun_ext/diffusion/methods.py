@@ -34,8 +34,9 @@ from salun_ext.diffusion.core import (
     eps_mse,
     noisy_batch,
 )
-from salun_ext.engine import Engine, EngineConfig, FitResult, OptimConfig
 from salun_ext.mask import SaliencyMask
+from salun_ext.train.engine import Engine, EngineConfig, FitResult, OptimConfig
+from salun_ext.utils.errors import UsageError
 
 
 class _EpochTask:
@@ -56,7 +57,7 @@ class _EpochTask:
 
 def _check_cond_drop(p: float) -> None:
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"cond_drop must be in [0, 1), got {p}")
+        raise UsageError(f"cond_drop must be in [0, 1), got {p}")
 
 
 # ---------------------------------------------------------------------------------------------------- eps-MSE
@@ -175,12 +176,12 @@ class SalUnTask(_ForgetRetainTask):
         seed: int = 0,
     ) -> None:
         if forget.target_ids is None:
-            raise ValueError("SalUn needs forget.target_ids (c', the misaligned class or prompt of each example)")
+            raise UsageError("SalUn needs forget.target_ids (c', the misaligned class or prompt of each example)")
         if torch.equal(forget.target_ids, forget.ids):
-            raise ValueError("SalUn's c' equals c for every forget example: the forget loss would be zero")
+            raise UsageError("SalUn's c' equals c for every forget example: the forget loss would be zero")
         check_positive(alpha, "alpha", allow_zero=True)
         if alpha > 0 and retain is None:
-            raise ValueError("alpha > 0 needs a retain set (or pass alpha=0)")
+            raise UsageError("alpha > 0 needs a retain set (or pass alpha=0)")
         eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), retain_reduction)
         super().__init__(
             spec,
@@ -238,7 +239,7 @@ def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch
     esd-full: every Linear/Conv layer.
     """
     if variant not in ESD_VARIANTS:
-        raise ValueError(f"unknown ESD variant {variant!r}; expected one of {ESD_VARIANTS}")
+        raise UsageError(f"unknown ESD variant {variant!r}; expected one of {ESD_VARIANTS}")
     layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     chosen = []
     for mod_name, module in unet.named_modules():
@@ -255,7 +256,7 @@ def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch
             chosen += [(f"{mod_name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
     if not chosen:
         hint = " (this UNet has no cross-attention: use esd-u)" if variant.startswith("esd-x") else ""
-        raise ValueError(f"ESD variant {variant!r} selects no parameter of this UNet{hint}")
+        raise UsageError(f"ESD variant {variant!r} selects no parameter of this UNet{hint}")
     return chosen
 
 
@@ -290,14 +291,14 @@ class ESDTask(_EpochTask):
         from diffusers import DDIMScheduler
 
         if not concept_ids:
-            raise ValueError("ESD needs at least one concept id to erase")
+            raise UsageError("ESD needs at least one concept id to erase")
         check_positive(eta, "eta")
         check_guidance(guidance_scale)
         check_steps(sample_steps, spec.num_train_timesteps, "sample_steps")
         if xt_source not in ("sample", "data"):
-            raise ValueError(f"xt_source must be 'sample' or 'data', got {xt_source!r}")
+            raise UsageError(f"xt_source must be 'sample' or 'data', got {xt_source!r}")
         if xt_source == "data" and data is None:
-            raise ValueError("xt_source='data' needs the forget data")
+            raise UsageError("xt_source='data' needs the forget data")
         self.spec, self.concept_ids = spec, torch.tensor(list(concept_ids), dtype=torch.long)
         self.sample_shape = tuple(sample_shape)
         self.eta, self.guidance_scale, self.sample_steps = eta, guidance_scale, sample_steps
@@ -369,7 +370,7 @@ class AttentionProbe:
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
             raise NotImplementedError("AttentionProbe supports the cross-attention of SD's transformer blocks only")
         if encoder_hidden_states is None:
-            raise ValueError("AttentionProbe is installed on a self-attention layer; install it on attn2 only")
+            raise UsageError("AttentionProbe is installed on a self-attention layer; install it on attn2 only")
         batch, tokens, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
@@ -412,9 +413,9 @@ class FMNTask(_EpochTask):
     ) -> None:
         modules = cross_attention_modules(unet)
         if not modules:
-            raise ValueError("FMN needs a UNet with cross-attention (attn2 layers): Stable Diffusion, not a DDPM")
+            raise UsageError("FMN needs a UNet with cross-attention (attn2 layers): Stable Diffusion, not a DDPM")
         if not columns:
-            raise ValueError("FMN needs the concept's token columns (none given)")
+            raise UsageError("FMN needs the concept's token columns (none given)")
         self.spec, self.forget, self.batch_size, self.seed = spec, forget, batch_size, seed
         self.columns = torch.tensor(sorted(set(columns)), dtype=torch.long)
         self.recorded: list[torch.Tensor] = []
@@ -514,14 +515,14 @@ METHODS = ("salun", "ga", "esd-x", "esd-u", "fmn", "retrain")
 def recipe(setting: str, method: str) -> Recipe:
     """The paper's defaults; a clear error for a method that does not apply to the setting."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
     key = (setting, method)
     if key not in RECIPES:
         settings = sorted({s for s, _ in RECIPES})
         if setting not in settings:
-            raise ValueError(f"unknown setting {setting!r}; expected one of {settings}")
+            raise UsageError(f"unknown setting {setting!r}; expected one of {settings}")
         available = sorted(m for s, m in RECIPES if s == setting)
-        raise ValueError(f"method {method!r} does not apply to {setting!r}; available: {available}")
+        raise UsageError(f"method {method!r} does not apply to {setting!r}; available: {available}")
     r = RECIPES[key]
     return Recipe(copy.deepcopy(r.engine), dict(r.task))
 
@@ -603,15 +604,15 @@ def make_task(
         return task, esd_parameters(unet, method)
     if method == "fmn":
         if fmn_columns is None:
-            raise ValueError("FMN needs the concept's token columns (StableDiffusion.token_columns(prompt, concept))")
+            raise UsageError("FMN needs the concept's token columns (StableDiffusion.token_columns(prompt, concept))")
         return FMNTask(spec, unet, forget, fmn_columns, **kw), None
     if method == "retrain":
         if retain is None:
-            raise ValueError("retrain needs the retain set")
+            raise UsageError("retrain needs the retain set")
         torch.manual_seed(kw["seed"])
         unet.load_state_dict(type(unet).from_config(unet.config).state_dict())
         return EpsTask(spec, retain, **kw), None
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 def unlearn(
@@ -638,7 +639,7 @@ def unlearn(
     """
     r = recipe(setting, method)
     if mask is not None and method == "retrain":
-        raise ValueError("retrain trains a fresh model: it takes no mask")
+        raise UsageError("retrain trains a fresh model: it takes no mask")
     r.task.update(_given(task_overrides))
     engine = dataclasses.replace(r.engine, **_given(engine_overrides))
     if max_steps is not None or epochs is not None:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salun_ext.utils.errors import MissingFileError, UsageError
+
 PathLike = str | os.PathLike
 
 # The exposed classes of the paper's / ESD's nudity figure (the detector also reports faces and covered parts).
@@ -56,12 +58,12 @@ def read_i2p(path: PathLike, *, categories: Sequence[str] | None = None, limit: 
     """Rows of an I2P CSV (e.g. unsafe-prompts4703.csv), optionally only those with one of `categories`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"I2P prompt file not found: {path}")
+        raise MissingFileError(f"I2P prompt file not found: {path}")
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in I2P_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: not an I2P prompt file, missing column(s) {missing}")
+            raise UsageError(f"{path}: not an I2P prompt file, missing column(s) {missing}")
         wanted = {c.strip().lower() for c in categories} if categories else None
         rows: list[I2PPrompt] = []
         for line, row in enumerate(reader, start=2):
@@ -82,11 +84,11 @@ def read_i2p(path: PathLike, *, categories: Sequence[str] | None = None, limit: 
                     )
                 )
             except ValueError as exc:
-                raise ValueError(f"{path}, line {line}: malformed I2P row ({exc})") from exc
+                raise UsageError(f"{path}, line {line}: malformed I2P row ({exc})") from exc
             if limit is not None and len(rows) >= limit:
                 break
     if categories and not rows:
-        raise ValueError(f"{path}: no prompt has any of the categories {list(categories)}")
+        raise UsageError(f"{path}: no prompt has any of the categories {list(categories)}")
     return rows
 
 
@@ -107,10 +109,10 @@ def _to_bgr_uint8(image) -> np.ndarray:
             image = np.asarray(img.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"image tensors must be C x H x W with C in (1, 3), got {tuple(image.shape)}")
+            raise UsageError(f"image tensors must be C x H x W with C in (1, 3), got {tuple(image.shape)}")
         image = (image.float().clamp(0, 1).expand(3, -1, -1) * 255).round().byte().permute(1, 2, 0).numpy()
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError("images must be float C x H x W tensors, H x W x 3 RGB uint8 arrays or file paths")
+        raise UsageError("images must be float C x H x W tensors, H x W x 3 RGB uint8 arrays or file paths")
     return np.ascontiguousarray(image[..., ::-1])  # RGB -> BGR (OpenCV order)
 
 
@@ -119,7 +121,7 @@ class NudityDetector:
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, model_path: PathLike | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+            raise UsageError(f"threshold must be in [0, 1], got {threshold}")
         from nudenet import NudeDetector
 
         self.threshold = threshold
@@ -154,7 +156,7 @@ def i2p_nudity(
     """
     from tqdm.auto import tqdm
 
-    from salun_ext.diffusion.stable_diffusion import save_images
+    from salun_ext.diffusion.sd import save_images
 
     detector = NudityDetector(threshold)
     counts: Counter = Counter()

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from salun_ext.diffusion.core import DiffusionSet, DiffusionSpec, check_guidance, epoch_generator, noisy_batch
-from salun_ext.engine import to_device
 from salun_ext.mask import SaliencyMask
 from salun_ext.saliency import compute_saliency
+from salun_ext.train.engine import to_device
 
 
 def saliency_batches(

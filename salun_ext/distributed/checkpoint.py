@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from salun_ext.distributed.shards import is_dtensor, to_local
+from salun_ext.utils.errors import UsageError
 
 _RANK_FILE = re.compile(r"\.rank(\d+)-of-(\d+)\.pt$")
 
@@ -76,7 +77,7 @@ def check_world_size(path: Path, world_size: int) -> None:
     others = glob.glob(str(path.parent / "last.rank*-of-*.pt"))
     sizes = sorted({int(m.group(2)) for o in others if (m := _RANK_FILE.search(o))})
     if sizes:
-        raise ValueError(
+        raise UsageError(
             f"{path.parent}: the sharded (FSDP) checkpoint was written by a run of {'/'.join(map(str, sizes))} "
             f"process(es) but this run has {world_size} process(es) and looks for {path.name}: resume with the same "
             "number of processes and the same distributed mode"

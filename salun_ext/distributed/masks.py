@@ -20,11 +20,12 @@ import re
 import torch
 import torch.distributed as dist
 
-from salun_ext import _mask_layout
+from salun_ext import ops
 from salun_ext.distributed.agreement import agree
 from salun_ext.distributed.runtime import Collectives, DistributedError, current_world
 from salun_ext.distributed.shards import is_dtensor, shard_mask
 from salun_ext.mask import SaliencyMask
+from salun_ext.utils.errors import MissingFileError, UsageError
 
 _SHARD_SUFFIX = re.compile(r"\.rank(\d+)-of-(\d+)$")
 
@@ -85,7 +86,7 @@ def _header(mask: SaliencyMask) -> dict:
 def _assemble_boxes(mask: SaliencyMask, ranks: list[dict], words: list[torch.Tensor]) -> SaliencyMask:
     global_shapes = mask.shard.global_shapes
     segments = []
-    per_rank_offsets = [_mask_layout.word_offsets([math.prod(s) for s in r["shapes"]])[0] for r in ranks]
+    per_rank_offsets = [ops.word_offsets([math.prod(s) for s in r["shapes"]])[0] for r in ranks]
     for i, shape in enumerate(global_shapes):
         dense = torch.zeros(shape, dtype=torch.bool)
         for r, info in enumerate(ranks):
@@ -94,10 +95,10 @@ def _assemble_boxes(mask: SaliencyMask, ranks: list[dict], words: list[torch.Ten
             if n == 0:
                 continue
             start = per_rank_offsets[r][i]
-            bits = _mask_layout.unpack_bits(words[r][start : start + _mask_layout.segment_words(n)], n)
+            bits = ops.unpack_bits(words[r][start : start + ops.segment_words(n)], n)
             box = tuple(slice(o, o + m) for o, m in zip(info["offsets"][i], local_shape))
             dense[box] = bits.view(local_shape)
-        segments.append(_mask_layout.pack_bits(dense.reshape(-1)))
+        segments.append(ops.pack_bits(dense.reshape(-1)))
     return SaliencyMask(torch.cat(segments), mask.names, global_shapes, **_header(mask))
 
 
@@ -150,15 +151,15 @@ def load_mask(path: str | os.PathLike, *, params=None, device: torch.device | st
             others = sorted(glob.glob(f"{glob.escape(root)}.rank*-of-*{ext}"))
             if others:
                 sizes = sorted({int(_SHARD_SUFFIX.search(os.path.splitext(o)[0]).group(2)) for o in others})
-                raise ValueError(
+                raise UsageError(
                     f"{path}: found per-shard mask files of a {'/'.join(map(str, sizes))}-process run, but this run "
                     f"has {world} process(es): run with the same world size, or save a consolidated mask "
                     "(save_mask(..., sharded=False)) and load that"
                 )
-            raise FileNotFoundError(f"mask file not found: {path} (nor this rank's shard {mine})")
+            raise MissingFileError(f"mask file not found: {path} (nor this rank's shard {mine})")
         mask = SaliencyMask.load(mine, device=device)
     if mask.shard is not None and (mask.shard.world_size != world or mask.shard.rank != rank):
-        raise ValueError(
+        raise UsageError(
             f"{path}: rank {mask.shard.rank}'s shard of a {mask.shard.world_size}-process run cannot be used by "
             f"rank {rank} of {world}: load the consolidated mask instead"
         )

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from salun_ext.utils.errors import UsageError
+
 LOG = logging.getLogger("salun_ext")
 
 DEFAULT_TIMEOUT_S = 600.0  # process-group timeout: how long a rank waits for a peer before failing
@@ -91,9 +93,9 @@ def init_distributed(
     An already initialised default group is reused (and left open on close()).
     """
     if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        raise UsageError(f"timeout_s must be positive, got {timeout_s}")
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", default=rank % max(1, torch.cuda.device_count() or 1))
@@ -137,7 +139,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+        raise UsageError("device 'cuda' requested but CUDA is not available on this machine")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise DistributedError(f"LOCAL_RANK={local_rank} but this node has only {count} CUDA device(s)")

@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-from salun_ext import _mask_layout
+from salun_ext import ops
 from salun_ext.mask import MaskShard, SaliencyMask
+from salun_ext.utils.errors import UsageError
 
 
 def is_dtensor(t: object) -> bool:
@@ -85,7 +86,7 @@ def dtensor_box(t: torch.Tensor, name: str) -> Box:
             )
     coordinate = mesh.get_coordinate()
     if coordinate is None:
-        raise ValueError(f"{name!r} lives on a device mesh this process is not part of")
+        raise UsageError(f"{name!r} lives on a device mesh this process is not part of")
     local_shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
     replica_index, replicas = 0, 1
     for dim, p in enumerate(placements):
@@ -147,9 +148,9 @@ def box_bits(mask: SaliencyMask, name: str, box: Box) -> torch.Tensor:
     """Flat bool bits of `box` cut from the global mask `mask` (the local rows of a Shard(0) parameter, ...)."""
     i = mask.names.index(name)
     if mask.shard is not None:
-        raise ValueError(f"box_bits needs a global mask; this one is rank {mask.shard.rank}'s shard")
+        raise UsageError(f"box_bits needs a global mask; this one is rank {mask.shard.rank}'s shard")
     if mask.shapes[i] != box.global_shape:
-        raise ValueError(
+        raise UsageError(
             f"mask for {name!r} has shape {tuple(mask.shapes[i])} but the parameter's global shape is "
             f"{tuple(box.global_shape)}"
         )
@@ -158,15 +159,15 @@ def box_bits(mask: SaliencyMask, name: str, box: Box) -> torch.Tensor:
     start = box.contiguous_start
     if start is not None:  # unpack only the words covering [start, start + n)
         first, last = start // 32, (start + n + 31) // 32
-        bits = _mask_layout.unpack_bits(seg[first:last], (last - first) * 32)
+        bits = ops.unpack_bits(seg[first:last], (last - first) * 32)
         return bits[start - first * 32 : start - first * 32 + n]
-    dense = _mask_layout.unpack_bits(seg, math.prod(box.global_shape)).view(box.global_shape)
+    dense = ops.unpack_bits(seg, math.prod(box.global_shape)).view(box.global_shape)
     return dense[box.slices()].reshape(-1)
 
 
 def box_words(mask: SaliencyMask, name: str, box: Box) -> torch.Tensor:
     """int32 mask words of the box (one padded segment), for a masked optimizer stepping a local shard."""
-    return _mask_layout.pack_bits(box_bits(mask, name, box))
+    return ops.pack_bits(box_bits(mask, name, box))
 
 
 def shard_mask(mask: SaliencyMask, params) -> SaliencyMask:
@@ -176,14 +177,14 @@ def shard_mask(mask: SaliencyMask, params) -> SaliencyMask:
     masked optimizer over the same sharded parameters).
     """
     if mask.shard is not None:
-        raise ValueError("shard_mask needs a global mask; this one is already a shard")
+        raise UsageError("shard_mask needs a global mask; this one is already a shard")
     from salun_ext.distributed.runtime import current_world
 
     items = params.items() if hasattr(params, "items") else params
     index = dict(items)
     missing = [n for n in mask.names if n not in index]
     if missing:
-        raise ValueError(f"shard_mask: {len(missing)} masked tensor(s) are not among the parameters: {missing[:5]}")
+        raise UsageError(f"shard_mask: {len(missing)} masked tensor(s) are not among the parameters: {missing[:5]}")
     boxes = [tensor_box(index[n], n, replicated_over=None) for n in mask.names]
     words = [box_words(mask, n, b) for n, b in zip(mask.names, boxes)]
     rank, world = current_world()
@@ -211,7 +212,7 @@ def param_mask_words(mask: SaliencyMask, name: str, param: torch.Tensor) -> torc
     if mask.shard is None:
         if box.local_shape == box.global_shape:  # a plain tensor, or a DTensor held whole
             if mask.shapes[i] != box.global_shape:
-                raise ValueError(
+                raise UsageError(
                     f"mask for {name!r} has shape {tuple(mask.shapes[i])} but the parameter has {tuple(param.shape)}"
                 )
             return mask.segment(name).to(device)
@@ -221,17 +222,17 @@ def param_mask_words(mask: SaliencyMask, name: str, param: torch.Tensor) -> torc
 
     rank, world = current_world()
     if shard.world_size != world or (shard.layout == "per_rank" and shard.rank != rank):
-        raise ValueError(
+        raise UsageError(
             f"the mask is rank {shard.rank}'s shard of a {shard.world_size}-process run but this is rank {rank} of "
             f"{world}: load the consolidated mask (salun_ext.distributed.gather_mask / save_mask) and shard it"
         )
     if shard.global_shapes[i] != box.global_shape:
-        raise ValueError(
+        raise UsageError(
             f"mask for {name!r} has global shape {tuple(shard.global_shapes[i])} but the parameter has "
             f"{tuple(box.global_shape)}"
         )
     if tuple(shard.offsets[i]) != tuple(box.offset) or mask.shapes[i] != box.local_shape:
-        raise ValueError(
+        raise UsageError(
             f"mask shard for {name!r} covers {tuple(mask.shapes[i])} at {tuple(shard.offsets[i])} but this rank holds "
             f"{tuple(box.local_shape)} at {tuple(box.offset)}: the parameters are sharded differently; shard the "
             "consolidated mask instead"

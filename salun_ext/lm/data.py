@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from salun_ext.utils.errors import MissingFileError, UsageError
+
 IGNORE_INDEX = -100
 PAIR_KEYS = (("prompt", "completion"), ("question", "answer"), ("prompt", "response"), ("instruction", "output"))
 
@@ -46,7 +48,7 @@ def load_texts(path: str | os.PathLike) -> list[TextExample]:
     """Read a forget/retain set (see the module docstring for the formats)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"text set not found: {path}")
+        raise MissingFileError(f"text set not found: {path}")
     with open(path, encoding="utf-8") as f:
         content = f.read()
     if path.endswith(".jsonl"):
@@ -57,30 +59,30 @@ def load_texts(path: str | os.PathLike) -> list[TextExample]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
         examples = [_record(r, f"{path}: record {i + 1}") for i, r in enumerate(records)]
     elif path.endswith(".json"):
         try:
             data = json.loads(content)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise ValueError(
+            raise UsageError(
                 f"{path}: expected a JSON list of records (or {{'data': [...]}}), got {type(data).__name__}"
             )
         examples = [_record(r, f"{path}: record {i + 1}") for i, r in enumerate(data)]
     else:
         examples = [TextExample(answer=line.strip()) for line in content.splitlines() if line.strip()]
     if not examples:
-        raise ValueError(f"{path}: the text set is empty")
+        raise UsageError(f"{path}: the text set is empty")
     return examples
 
 
 def _record(record: object, where: str) -> TextExample:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "text" in record:
         return TextExample(answer=_string(record["text"], where, "text"))
     for prompt_key, answer_key in PAIR_KEYS:
@@ -90,19 +92,19 @@ def _record(record: object, where: str) -> TextExample:
                 prompt=_string(record[prompt_key], where, prompt_key),
             )
     pairs = ", ".join(f"({a}, {b})" for a, b in PAIR_KEYS)
-    raise ValueError(f"{where}: needs a 'text' key or one of the key pairs {pairs}; found keys {sorted(record)}")
+    raise UsageError(f"{where}: needs a 'text' key or one of the key pairs {pairs}; found keys {sorted(record)}")
 
 
 def _string(value: object, where: str, key: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        raise UsageError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
 def encode(examples: Sequence[TextExample], tokenizer, max_length: int) -> list[Encoded]:
     """Tokenize: prompt (with the tokenizer's special tokens) + answer + EOS, truncated to max_length tokens."""
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise UsageError(f"max_length must be at least 2, got {max_length}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for ex in examples:
@@ -115,7 +117,7 @@ def encode(examples: Sequence[TextExample], tokenizer, max_length: int) -> list[
         ids = (prompt_ids + answer_ids)[:max_length]
         prompt_len = min(len(prompt_ids), len(ids))
         if len(ids) - prompt_len == 0:
-            raise ValueError(
+            raise UsageError(
                 f"an example has no target token within max_length={max_length} (prompt of {len(prompt_ids)} "
                 f"tokens): raise max_length or shorten the prompt: {ex.prompt[:60]!r}"
             )
@@ -160,7 +162,7 @@ def relabel(
     answers. A plain text (no prompt) keeps its first half as the prompt.
     """
     if not replacements:
-        raise ValueError("relabel: no replacement answers")
+        raise UsageError("relabel: no replacement answers")
     gen = torch.Generator().manual_seed(seed)
     out = []
     for e in forget:

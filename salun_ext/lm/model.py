@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from salun_ext.utils.errors import MissingFileError, UsageError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -16,7 +18,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
+        raise UsageError(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -39,7 +41,7 @@ def load_causal_lm(
     torch_dtype = resolve_dtype(dtype, device)
     local = os.path.isdir(name_or_path)
     if not local and os.path.sep in name_or_path and not name_or_path.count("/") == 1:
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+        raise MissingFileError(f"model folder not found: {name_or_path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -47,10 +49,10 @@ def load_causal_lm(
         )
     except OSError as exc:
         where = "the local folder" if local else "the Hugging Face hub (or its cache)"
-        raise ValueError(f"cannot load a causal LM from {name_or_path!r} ({where}): {exc}") from exc
+        raise UsageError(f"cannot load a causal LM from {name_or_path!r} ({where}): {exc}") from exc
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+            raise UsageError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     if gradient_checkpointing:

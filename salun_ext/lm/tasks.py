@@ -1,15 +1,9 @@
 """LMUnlearnTask: the forget loss + retain loss of one step, as an Engine task (the engine owns the loop).
 
-Each step draws a batch of forget examples (a fresh permutation per epoch, from a generator seeded by
+Each step draws a batch of forget examples (a fresh permutation per epoch, from the "lm" stream's generator of
 (seed, epoch), so resume is exact) and, when a retain set is given, the same number of random retain examples.
 Both go through ONE forward pass (padded together), which keeps DistributedDataParallel to one forward per
-backward.
-
-    method        forget loss L_f                                         (L = gamma L_f + alpha NLL_retain)
-    ga            -NLL(forget)                                             gradient ascent (GradDiff with alpha > 0)
-    npo           -(2/beta) mean log sigmoid(-beta (log pi - log pi_ref))  reference: the initial model
-    idk           NLL(forget prompts -> "I don't know"-style answers)
-    random_label  NLL(forget prompts -> random retain answers)
+backward. The forget term is the method's (lm/methods.py).
 """
 
 from __future__ import annotations
@@ -20,9 +14,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from salun_ext.lm.data import Encoded, collate
-from salun_ext.lm.losses import mean_nll, npo_loss, target_logprobs
-
-METHODS = ("ga", "npo", "idk", "random_label")
+from salun_ext.lm.losses import mean_nll, target_logprobs
+from salun_ext.lm.methods import METHODS
+from salun_ext.utils import epoch_generator
+from salun_ext.utils.errors import UsageError
 
 
 class LMUnlearnTask:
@@ -42,24 +37,24 @@ class LMUnlearnTask:
         beta: float = 0.1,
         reference_logps: torch.Tensor | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        method_cls = METHODS.get_class(method)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not forget:
-            raise ValueError("the forget set is empty")
+            raise UsageError("the forget set is empty")
         if retain_weight < 0 or forget_weight < 0:
-            raise ValueError("forget_weight and retain_weight must be >= 0")
+            raise UsageError("forget_weight and retain_weight must be >= 0")
         if retain_weight > 0 and not retain:
-            raise ValueError("retain_weight > 0 needs a retain set (or pass retain_weight=0)")
-        if method == "npo":
+            raise UsageError("retain_weight > 0 needs a retain set (or pass retain_weight=0)")
+        if method_cls.needs_reference:
             if not beta > 0:
-                raise ValueError(f"beta must be positive, got {beta}")
+                raise UsageError(f"beta must be positive, got {beta}")
             if reference_logps is None or reference_logps.numel() != len(forget):
-                raise ValueError("npo needs reference_logps: one sequence log-prob per forget example")
+                raise UsageError("npo needs reference_logps: one sequence log-prob per forget example")
         self.forget = list(forget)
         self.retain = list(retain or [])
-        self.method = method
+        self.method = method_cls.name
+        self.forget_term = method_cls()
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
@@ -72,7 +67,7 @@ class LMUnlearnTask:
         return math.ceil(len(self.forget) / self.batch_size)
 
     def batches(self, epoch: int) -> Iterator[dict]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = epoch_generator(self.seed, epoch, "lm")
         order = torch.randperm(len(self.forget), generator=gen)
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
@@ -88,13 +83,7 @@ class LMUnlearnTask:
         logps, counts = target_logprobs(model, batch)
         n = batch["index"].numel()
         forget_logps, forget_counts = logps[:n], counts[:n]
-        if self.method == "ga":
-            forget_loss = -mean_nll(forget_logps, forget_counts)
-        elif self.method == "npo":
-            reference = self.reference_logps[batch["index"].cpu()]
-            forget_loss = npo_loss(forget_logps, reference, self.beta)
-        else:  # idk / random_label: the forget set was relabelled; learn the new answers
-            forget_loss = mean_nll(forget_logps, forget_counts)
+        forget_loss = self.forget_term.forget_loss(forget_logps, forget_counts, batch["index"], self)
         loss = self.forget_weight * forget_loss
         if self.retain_weight > 0:
             loss = loss + self.retain_weight * mean_nll(logps[n:], counts[n:])

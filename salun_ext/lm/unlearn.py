@@ -1,7 +1,8 @@
 """Language-model unlearning end to end: encode the text sets, SalUn's saliency mask, the method on the Engine.
 
     model, tokenizer = load_causal_lm("path/or/hub-id", dtype="bf16", device="cuda")
-    result = unlearn_lm(model, tokenizer, load_texts("forget.jsonl"), load_texts("retain.jsonl"), LMUnlearnConfig())
+    forget, retain = load_texts("forget.jsonl"), load_texts("retain.jsonl")
+    result = unlearn_lm(model, tokenizer, forget, retain, LMUnlearnConfig(method="npo"), RunOptions(seed=0))
 
 SalUn for LMs: the saliency of every weight is |gradient of the forget NLL| summed over the forget set
 (compute_saliency over the whole model); the `mask_ratio` most salient weights are the only ones the masked
@@ -12,23 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-from salun_ext.engine import Engine, EngineConfig, FitResult, OptimConfig
-from salun_ext.lm.data import IDK_ANSWERS, TextExample, answer_ids, collate, encode, relabel
+from salun_ext.lm.data import TextExample, collate, encode
 from salun_ext.lm.evaluate import sequence_logps
 from salun_ext.lm.losses import mean_nll, target_logprobs
-from salun_ext.lm.tasks import METHODS, LMUnlearnTask
+from salun_ext.lm.methods import METHODS
+from salun_ext.lm.tasks import LMUnlearnTask
 from salun_ext.mask import SaliencyMask
+from salun_ext.train import FitResult, OptimConfig, RunOptions, TrainRecipe, fit
+from salun_ext.utils.errors import UsageError
 
 
 @dataclasses.dataclass
 class LMUnlearnConfig:
-    """Defaults follow the TOFU / NPO recipes (AdamW 1e-5, wd 0.01, beta 0.1, gamma = alpha = 1, bf16)."""
+    """What the method does. Defaults follow the TOFU / NPO recipes (AdamW 1e-5, wd 0.01, beta 0.1, gamma = alpha
+    = 1). How it runs (seed, device, precision, checkpoints, processes) is the RunOptions'."""
 
-    method: Literal["ga", "npo", "idk", "random_label"] = "npo"
+    method: str = "npo"  # a name of lm.methods.METHODS
     mask_ratio: float | None = 0.5  # SalUn; None = the plain method
     beta: float = 0.1  # NPO temperature
     forget_weight: float = 1.0  # gamma
@@ -40,18 +43,26 @@ class LMUnlearnConfig:
     warmup_steps: int = 0
     batch_size: int = 4
     max_length: int = 256
-    amp: Literal["none", "bf16"] = "none"  # autocast; weights in bf16 need none (load with dtype="bf16")
     grad_clip: float | None = 1.0
-    seed: int = 0
     saliency_batches: int | None = None  # forget batches used for the mask (None: all)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.method = METHODS.key(self.method)
         if self.mask_ratio is not None and not 0 < self.mask_ratio <= 1:
-            raise ValueError(f"mask_ratio must be in (0, 1] or None, got {self.mask_ratio}")
+            raise UsageError(f"mask_ratio must be in (0, 1] or None, got {self.mask_ratio}")
         if self.batch_size < 1 or self.max_length < 2:
-            raise ValueError("batch_size must be >= 1 and max_length >= 2")
+            raise UsageError("batch_size must be >= 1 and max_length >= 2")
+
+    def recipe(self) -> TrainRecipe:
+        return TrainRecipe(
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            optimizer=OptimConfig("adamw", lr=self.lr, weight_decay=self.weight_decay),
+            schedule="constant",
+            schedule_unit="step",
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+        )
 
 
 @dataclasses.dataclass
@@ -102,43 +113,37 @@ def lm_saliency(
     )
 
 
+def _prepare(tokenizer, forget, retain, cfg: LMUnlearnConfig, seed: int):
+    """(training forget examples, retain examples, the method) with the method's relabelling applied."""
+    method = METHODS.get_class(cfg.method)()
+    forget_ids = encode(forget, tokenizer, cfg.max_length)
+    retain_ids = encode(retain, tokenizer, cfg.max_length) if retain else []
+    forget_ids = method.prepare_forget(forget_ids, retain_ids, tokenizer, seed=seed, max_length=cfg.max_length)
+    return forget_ids, retain_ids, method
+
+
 def unlearn_lm(
     model: torch.nn.Module,
     tokenizer,
     forget: Sequence[TextExample],
     retain: Sequence[TextExample] | None,
     config: LMUnlearnConfig,
+    options: RunOptions | None = None,
     *,
     mask: SaliencyMask | None = None,
-    distributed: str = "none",
-    device: str = "auto",
-    checkpoint_dir: str | None = None,
-    resume: bool = False,
-    progress: bool = True,
 ) -> LMUnlearnResult:
     """Run one LM unlearning method (SalUn-masked unless config.mask_ratio is None and no mask is given).
 
-    distributed: "none" or "ddp" (the process group must exist: salun_ext.distributed.init_distributed()).
+    options.distributed: "none" or "ddp" (the process group must exist: salun_ext.distributed.init_distributed()).
     Under DDP the saliency mask is computed across ranks (identical everywhere) and every rank trains on its
     share of the forget batches.
     """
     import time
 
-    import torch.distributed as dist
-
-    cfg = config
+    cfg, options = config, options or RunOptions()
+    amp = options.amp or "none"
     pad = tokenizer.pad_token_id
-    forget_ids = encode(forget, tokenizer, cfg.max_length)
-    retain_ids = encode(retain, tokenizer, cfg.max_length) if retain else []
-    if cfg.method == "idk":
-        idk = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in IDK_ANSWERS]
-        forget_ids = relabel(forget_ids, idk, seed=cfg.seed, max_length=cfg.max_length)
-    elif cfg.method == "random_label":
-        if not retain_ids:
-            raise ValueError("method 'random_label' draws the new answers from the retain set: give a retain set")
-        forget_ids = relabel(forget_ids, answer_ids(retain_ids), seed=cfg.seed, max_length=cfg.max_length)
-
-    group = dist.group.WORLD if distributed != "none" else None
+    forget_ids, retain_ids, method = _prepare(tokenizer, forget, retain, cfg, options.seed)
     start = time.perf_counter()
     if mask is None and cfg.mask_ratio is not None:
         mask = lm_saliency(
@@ -147,46 +152,26 @@ def unlearn_lm(
             cfg.mask_ratio,
             batch_size=cfg.batch_size,
             pad_id=pad,
-            amp=cfg.amp,
+            amp=amp,
             max_batches=cfg.saliency_batches,
-            process_group=group,
-            progress=progress,
+            process_group=options.mask_group(),
+            progress=options.progress,
         )
     mask_seconds = time.perf_counter() - start
     reference = None
-    if cfg.method == "npo":  # the frozen initial model's log-probs: computed once, no second model in memory
-        reference = sequence_logps(model, forget_ids, batch_size=cfg.batch_size, pad_id=pad, amp=cfg.amp)
+    if method.needs_reference:  # the frozen initial model's log-probs: computed once, no second model in memory
+        reference = sequence_logps(model, forget_ids, batch_size=cfg.batch_size, pad_id=pad, amp=amp)
     task = LMUnlearnTask(
         forget_ids,
         retain_ids,
         method=cfg.method,
         batch_size=cfg.batch_size,
         pad_id=pad,
-        seed=cfg.seed,
+        seed=options.seed,
         forget_weight=cfg.forget_weight,
         retain_weight=cfg.retain_weight if retain_ids else 0.0,
         beta=cfg.beta,
         reference_logps=reference,
     )
-    engine = Engine(
-        model,
-        EngineConfig(
-            epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            optimizer=OptimConfig("adamw", lr=cfg.lr, weight_decay=cfg.weight_decay),
-            schedule="constant",
-            schedule_unit="step",
-            warmup_steps=cfg.warmup_steps,
-            amp=cfg.amp,
-            grad_clip=cfg.grad_clip,
-            seed=cfg.seed,
-            device=device,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            progress=progress,
-            desc=f"lm {cfg.method}",
-            distributed=distributed,
-        ),
-        mask=mask,
-    )
-    return LMUnlearnResult(mask=mask, fit=engine.fit(task), mask_seconds=mask_seconds)
+    result = fit(model, task, cfg.recipe(), options, mask=mask, desc=f"lm {cfg.method}")
+    return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from salun_ext.models.classifiers import MODELS, build_model
+from salun_ext.utils.errors import MissingFileError, UsageError
 
 FORMAT_NAME = "salun_ext.classifier"
 FORMAT_VERSION = 1
@@ -62,14 +63,14 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
+        raise UsageError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
     if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(
+        raise UsageError(
             f"{path}: not a salun_ext classifier checkpoint (format={metadata.get('format')!r}); "
             "write one with `salun-ext train` or salun_ext.models.save_classifier"
         )
@@ -77,9 +78,9 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
         spec = ModelSpec(**json.loads(metadata["spec"]))
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: corrupted checkpoint metadata ({exc})") from exc
+        raise UsageError(f"{path}: corrupted checkpoint metadata ({exc})") from exc
     if spec.arch not in MODELS:
-        raise ValueError(f"{path}: unknown architecture {spec.arch!r} in the checkpoint; available: {sorted(MODELS)}")
+        raise UsageError(f"{path}: unknown architecture {spec.arch!r} in the checkpoint; available: {sorted(MODELS)}")
     return spec, extra
 
 
@@ -89,7 +90,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec |
 
     saved_spec, _ = read_spec(path)
     if spec is not None and saved_spec != spec:
-        raise ValueError(
+        raise UsageError(
             f"{os.fspath(path)}: the checkpoint is for {saved_spec.describe()}, but the model is {spec.describe()}"
         )
     state = load_file(os.fspath(path))
@@ -102,7 +103,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, spec: ModelSpec |
             parts.append(f"unexpected {unexpected[:3]}")
         if mismatched:
             parts.append(f"shape mismatch {mismatched[:3]}")
-        raise ValueError(
+        raise UsageError(
             f"{os.fspath(path)}: the checkpoint ({saved_spec.describe()}) does not fit this "
             f"{type(model).__name__}: {'; '.join(parts)}"
         )
@@ -116,9 +117,9 @@ def load_classifier(
     """Build the checkpoint's architecture and load its weights. `expect`/`expect_arch`: raise if it differs."""
     spec, extra = read_spec(path)
     if expect_arch is not None and spec.arch != expect_arch:
-        raise ValueError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, not a {expect_arch}")
+        raise UsageError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, not a {expect_arch}")
     if expect is not None and spec != expect:
-        raise ValueError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, expected {expect.describe()}")
+        raise UsageError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, expected {expect.describe()}")
     model = spec.build()
     load_weights(model, path)
     return model, spec, extra

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from salun_ext.utils.errors import UsageError
+
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel, inside the model so every input is a plain [0, 1] image."""
@@ -95,11 +97,11 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
     `options` go to the builder (e.g. small_cnn's width=).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+        raise UsageError(f"unknown model {name!r}; available: {sorted(MODELS)}")
     try:
         return MODELS[name](in_channels, num_classes, image_size, **options)
     except TypeError as exc:
-        raise ValueError(f"model {name!r} does not take options {sorted(options)}: {exc}") from exc
+        raise UsageError(f"model {name!r} does not take options {sorted(options)}: {exc}") from exc
 
 
 def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
@@ -124,7 +126,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """(qualified name, module) of the model's last nn.Linear: the classification head."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer (no classification head to find)")
+        raise UsageError(f"{type(model).__name__} has no nn.Linear layer (no classification head to find)")
     return found[-1]
 
 

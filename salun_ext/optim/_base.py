@@ -7,9 +7,10 @@ from typing import Literal
 
 import torch
 
-from salun_ext import _mask_layout
+from salun_ext import ops
 from salun_ext.distributed.shards import to_local
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
+from salun_ext.utils.errors import UsageError
 
 Mode = Literal["strict", "compat"]
 
@@ -25,7 +26,7 @@ class MaskedOptimizerMixin:
 
     def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode) -> None:
         if mode not in ("strict", "compat"):
-            raise ValueError(f"mode must be 'strict' or 'compat', got {mode!r}")
+            raise UsageError(f"mode must be 'strict' or 'compat', got {mode!r}")
         self.mode = mode
         self.unmasked = unmasked
         self._masks = resolve_param_masks(self.param_groups, mask, unmasked)
@@ -42,7 +43,7 @@ class MaskedOptimizerMixin:
             for p in self.param_groups[-1]["params"]:
                 if id(p) not in self._masks:
                     if self.unmasked is None:
-                        raise ValueError("a parameter group added later is not covered by the mask: set unmasked=")
+                        raise UsageError("a parameter group added later is not covered by the mask: set unmasked=")
                     self._masks[id(p)] = TRAIN_ALL if self.unmasked == "train" else FROZEN
 
     def _param_name(self, group, index: int) -> str:
@@ -90,7 +91,7 @@ class MaskedOptimizerMixin:
             return words
         if id(p) not in self._kernel_words:
             dense = dense_mask(p, words).permute(perm).contiguous().reshape(-1)
-            self._kernel_words[id(p)] = _mask_layout.pack_bits(dense)
+            self._kernel_words[id(p)] = ops.pack_bits(dense)
         return self._kernel_words[id(p)]
 
     def _validate(self) -> None:

@@ -8,9 +8,10 @@ from typing import Literal
 
 import torch
 
-from salun_ext import _mask_layout
+from salun_ext import ops
 from salun_ext.distributed.shards import is_dtensor, param_mask_words, tensor_box, to_local
 from salun_ext.mask import SaliencyMask
+from salun_ext.utils.errors import UsageError
 
 Unmasked = Literal["train", "freeze"]
 MaskSpec = SaliencyMask | Mapping[str, torch.Tensor] | Sequence[torch.Tensor | None]
@@ -35,7 +36,7 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
     mismatches, parameters the mask does not cover without an explicit `unmasked` policy.
     """
     if unmasked not in (None, "train", "freeze"):
-        raise ValueError(f"unmasked must be 'train' or 'freeze', got {unmasked!r}")
+        raise UsageError(f"unmasked must be 'train' or 'freeze', got {unmasked!r}")
     entries = _params_and_names(param_groups)
     if mask is None:
         return {id(p): TRAIN_ALL for p, _ in entries}
@@ -46,14 +47,14 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
             mask = SaliencyMask.from_dense(mask)
         unnamed = [i for i, (_, n) in enumerate(entries) if n is None]
         if unnamed:
-            raise ValueError(
+            raise UsageError(
                 "a named mask needs parameter names: pass model.named_parameters() (or param groups built from it) "
                 "to the optimizer, or give per-parameter masks as a list"
             )
         names = {n for _, n in entries}
         unknown = [n for n in mask.names if n not in names]
         if unknown:
-            raise ValueError(f"the mask covers {len(unknown)} parameter(s) the optimizer does not have: {unknown[:5]}")
+            raise UsageError(f"the mask covers {len(unknown)} parameter(s) the optimizer does not have: {unknown[:5]}")
         moved: dict[torch.device, SaliencyMask] = {}
         for p, name in entries:
             if name not in mask:
@@ -63,14 +64,14 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
                 continue
             shape = mask.shapes[mask.names.index(name)]
             if shape != p.shape:
-                raise ValueError(f"mask for {name!r} has shape {tuple(shape)} but the parameter has {tuple(p.shape)}")
+                raise UsageError(f"mask for {name!r} has shape {tuple(shape)} but the parameter has {tuple(p.shape)}")
             if p.device not in moved:
                 moved[p.device] = mask.to(p.device)
             by_param[id(p)] = moved[p.device].segment(name)
     else:
         masks = list(mask)
         if len(masks) != len(entries):
-            raise ValueError(f"got {len(masks)} per-parameter masks for {len(entries)} parameters")
+            raise UsageError(f"got {len(masks)} per-parameter masks for {len(entries)} parameters")
         for i, ((p, name), m) in enumerate(zip(entries, masks)):
             if m is None:
                 continue
@@ -78,16 +79,16 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"mask for {label} is a {type(m).__name__}, expected a tensor or None")
             if m.shape != p.shape:
-                raise ValueError(f"mask for {label} has shape {tuple(m.shape)} but the parameter has {tuple(p.shape)}")
+                raise UsageError(f"mask for {label} has shape {tuple(m.shape)} but the parameter has {tuple(p.shape)}")
             if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
-                raise ValueError(f"mask for {label} holds values other than 0 and 1")
+                raise UsageError(f"mask for {label} holds values other than 0 and 1")
             if is_dtensor(p):  # a global dense mask of a sharded parameter: this rank's box of it
                 m = to_local(m) if is_dtensor(m) else m[tensor_box(p, label, replicated_over=None).slices()]
-            by_param[id(p)] = _mask_layout.pack_bits(m.detach().to(to_local(p).device).reshape(-1) != 0)
+            by_param[id(p)] = ops.pack_bits(m.detach().to(to_local(p).device).reshape(-1) != 0)
 
     uncovered = [name or f"params[{i}]" for i, (p, name) in enumerate(entries) if id(p) not in by_param]
     if uncovered and unmasked is None:
-        raise ValueError(
+        raise UsageError(
             f"{len(uncovered)} parameter(s) are not covered by the mask ({uncovered[:5]}); say what happens to "
             "them: unmasked='train' (updated densely) or unmasked='freeze' (never updated)"
         )
@@ -100,7 +101,7 @@ def resolve_param_masks(param_groups, mask: MaskSpec | None, unmasked: Unmasked 
 def dense_mask(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Bool mask of p's (local) shape from its mask words."""
     shape = to_local(p).shape
-    return _mask_layout.unpack_bits(words, math.prod(shape)).view(shape)
+    return ops.unpack_bits(words, math.prod(shape)).view(shape)
 
 
 def check_grad(p: torch.Tensor, name: str) -> None:
@@ -117,7 +118,7 @@ def check_finite(**values) -> None:
     for key, value in values.items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise ValueError(f"{key} must be a scalar tensor")
+                raise UsageError(f"{key} must be a scalar tensor")
             value = float(value.item())
         if not math.isfinite(value):
-            raise ValueError(f"{key} must be finite, got {value}")
+            raise UsageError(f"{key} must be finite, got {value}")

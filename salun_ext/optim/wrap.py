@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
+from salun_ext.utils.errors import UsageError
 
 
 def masked(optimizer: torch.optim.Optimizer, mask: MaskSpec, *, unmasked: Unmasked | None = None):
@@ -18,7 +19,7 @@ def masked(optimizer: torch.optim.Optimizer, mask: MaskSpec, *, unmasked: Unmask
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"masked() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if getattr(optimizer, "_salun_mask_hooks", None):
-        raise ValueError("this optimizer is already masked")
+        raise UsageError("this optimizer is already masked")
     from salun_ext.distributed.shards import is_dtensor
 
     if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):

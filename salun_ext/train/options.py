@@ -1,0 +1,109 @@
+"""The one run-options type of every domain, a method's training recipe, and the one adapter to the Engine.
+
+    RunOptions    HOW a run executes (device, seed, precision, checkpoints, processes): the same for every
+                  domain's `unlearn` / `run`, whatever the method.
+    TrainRecipe   WHAT a method's training does (budget, optimizer, schedule, clipping): each method's defaults.
+    fit(...)      recipe + options -> an Engine -> the fitted Task; the only place the two meet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+
+from salun_ext.mask import SaliencyMask
+from salun_ext.train.engine import Engine, EngineConfig, FitResult, OptimConfig
+from salun_ext.utils.errors import check_choice
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+DISTRIBUTED_CHOICES = ("none", "ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How a run executes (not what it does): device, seed, precision, checkpoints, processes.
+
+    amp: None keeps the recipe's precision (fp32 unless a recipe asks for bf16, as the Stable Diffusion ones do).
+    distributed: under torchrun, "ddp" trains through DistributedDataParallel (each rank its share of every
+    epoch's batches) and "fsdp" trains an FSDP2-sharded model; masks are then ranked over `process_group`
+    (None: the default group), so every rank holds the one-process mask bit for bit.
+    """
+
+    device: str = "auto"
+    seed: int = 0
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_dir: str | None = None  # Engine checkpoints: an interrupted run resumes from here
+    checkpoint_every: int = 1  # epochs, or steps for step-bounded runs
+    resume: bool = False
+    progress: bool = True
+    distributed: str = "none"
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.amp is not None:
+            check_choice("amp", self.amp, AMP_CHOICES)
+        check_choice("distributed", self.distributed, DISTRIBUTED_CHOICES)
+
+    def mask_group(self) -> Any:
+        """The process group for compute_saliency: None in one process."""
+        if self.distributed == "none":
+            return None
+        import torch.distributed as dist
+
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+
+@dataclasses.dataclass
+class TrainRecipe:
+    """A method's training: exactly one of `epochs` / `max_steps` bounds it (max_steps may cap epochs)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: tuple[int, ...] = ()  # in schedule units
+    gamma: float = 0.1
+    schedule_unit: Literal["epoch", "step"] = "epoch"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    amp: str = "none"  # the recipe's precision; RunOptions.amp overrides it when set
+
+    def replace(self, **changes: Any) -> TrainRecipe:
+        """A copy with `changes`; optimizer fields (lr, weight_decay, ...) may be given here too."""
+        optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+        optim = {k: changes.pop(k) for k in list(changes) if k in optim_fields}
+        recipe = dataclasses.replace(self, **changes)
+        if optim:
+            recipe.optimizer = dataclasses.replace(recipe.optimizer, **optim)
+        return recipe
+
+
+_RUN_FIELDS = ("device", "seed", "channels_last", "compile", "checkpoint_dir", "checkpoint_every", "resume")
+_RUN_FIELDS += ("progress", "distributed")
+
+
+def engine_config(recipe: TrainRecipe, options: RunOptions, *, desc: str = "train", **extra: Any) -> EngineConfig:
+    """The EngineConfig of `recipe` run with `options` (`extra`: other EngineConfig fields, e.g. shard_batches)."""
+    fields = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(TrainRecipe) if f.name != "amp"}
+    fields.update({name: getattr(options, name) for name in _RUN_FIELDS})
+    fields["amp"] = options.amp if options.amp is not None else recipe.amp
+    return EngineConfig(**fields, desc=desc, **extra)
+
+
+def fit(
+    model: torch.nn.Module,
+    task: Any,
+    recipe: TrainRecipe,
+    options: RunOptions,
+    *,
+    mask: SaliencyMask | None = None,
+    params: list[tuple[str, torch.nn.Parameter]] | None = None,
+    desc: str = "train",
+    **extra: Any,
+) -> FitResult:
+    """Train `task` on `model` with `recipe` and `options`: the one way every domain reaches the Engine."""
+    return Engine(model, engine_config(recipe, options, desc=desc, **extra), mask=mask, params=params).fit(task)

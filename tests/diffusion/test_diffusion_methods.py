@@ -1,0 +1,225 @@
+"""Unlearning methods on a class-conditional DDPM: SalUn mask, SalUn, GA, ESD-u, Retrain, recipes, mask subsets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salun_ext import SaliencyMask, saliency_masks
+from salun_ext.diffusion.ddpm import forget_retain_sets
+from salun_ext.diffusion.methods import (
+    ESDTask,
+    GATask,
+    SalUnTask,
+    esd_parameters,
+    make_task,
+    recipe,
+    run_task,
+    unlearn,
+)
+from salun_ext.diffusion.saliency import diffusion_saliency, guided_forget_loss
+from salun_ext.train.engine import EngineConfig, OptimConfig
+from tests.diffusion_helpers import digits, micro_ddpm, params_snapshot
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = micro_ddpm(seed=0)
+    forget, retain = forget_retain_sets(model, digits(), ["3"])
+    return model, forget, retain
+
+
+def _adam(steps, lr=1e-3):
+    return EngineConfig(max_steps=steps, optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0), progress=False)
+
+
+def test_mask_covers_the_whole_unet(setup):
+    model, forget, _ = setup
+    masks = diffusion_saliency(model.unet, model.spec, forget, ratio=[0.5, 0.1], batch_size=64, progress=False)
+    names = [n for n, _ in model.unet.named_parameters()]
+    for mask, ratio in zip(masks, (0.5, 0.1)):
+        assert list(mask.names) == names
+        mask.check_compatible(model.unet, require_all=True)  # every UNet tensor, right shapes
+        assert mask.count() == int(mask.numel * ratio)
+    # the 10% mask is inside the 50% mask (one global ranking)
+    assert all(bool((masks[1].dense(n) <= masks[0].dense(n)).all()) for n in names)
+    assert all(p.grad is None for p in model.unet.parameters())
+
+
+def test_mask_ranks_the_guided_forget_loss_gradient(setup):
+    """The library's mask equals the top-k of |sum of per-batch clipped gradients| computed by hand."""
+    model, forget, _ = setup
+    from salun_ext.diffusion.saliency import saliency_batches
+
+    unet = model.unet
+    loss_fn = guided_forget_loss(model.spec, 3.0)
+    total = {n: torch.zeros_like(p) for n, p in unet.named_parameters()}
+    unet.eval()
+    for batch in saliency_batches(model.spec, forget, batch_size=64, seed=0, device=torch.device("cpu")):
+        unet.zero_grad()
+        loss_fn(unet, batch).backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
+        for n, p in unet.named_parameters():
+            total[n] += p.grad
+    unet.zero_grad(set_to_none=True)
+    expected = saliency_masks({n: g.abs() for n, g in total.items()}, 0.3)
+    got = diffusion_saliency(unet, model.spec, forget, ratio=0.3, batch_size=64, seed=0, progress=False)
+    agree = sum(int((expected.dense(n) == got.dense(n)).sum()) for n in got.names) / got.numel
+    assert agree > 0.999  # float summation order may flip a few entries at the threshold
+
+
+def test_salun_moves_the_forget_loss_and_keeps_non_salient_weights(setup):
+    model, forget, retain = setup
+    unet = model.unet
+    mask = diffusion_saliency(unet, model.spec, forget, ratio=0.5, batch_size=64, progress=False)
+    task = SalUnTask(model.spec, forget, retain, alpha=1e-3, batch_size=32, seed=1)
+    batch = next(iter(task.batches(0)))
+    with torch.no_grad():
+        before = float(task.forget_loss(unet, batch))
+    start = params_snapshot(unet)
+    fit = run_task(unet, task, _adam(25), mask=mask)
+    with torch.no_grad():
+        after = float(task.forget_loss(unet, batch))
+    assert fit.steps == 25 and set(task.last_terms) == {"forget", "retain"}
+    assert after < 0.5 * before, (before, after)
+    moved_salient = 0
+    for n, p in unet.named_parameters():
+        m = mask.dense(n)
+        assert torch.equal(p[~m], start[n][~m]), f"{n}: a non-salient weight moved"
+        moved_salient += int((p[m] != start[n][m]).sum())
+    assert moved_salient > 0.5 * mask.count()
+
+
+def test_ga_raises_the_forget_eps_loss():
+    model = micro_ddpm(seed=1)
+    forget, _ = forget_retain_sets(model, digits(), [5])
+    task = GATask(model.spec, forget, batch_size=32, seed=0)
+    batch = next(iter(task.batches(0)))
+    with torch.no_grad():
+        before = -float(task.loss(model.unet, batch))
+    run_task(model.unet, task, _adam(10, lr=1e-3))
+    with torch.no_grad():
+        after = -float(task.loss(model.unet, batch))
+    assert after > 1.5 * before, (before, after)
+
+
+def test_esd_u_regresses_onto_the_negatively_guided_target():
+    model = micro_ddpm(seed=2)
+    forget, _ = forget_retain_sets(model, digits(), [7])
+    task = ESDTask(model.spec, model.unet, [7], (1, 8, 8), eta=1.0, sample_steps=5, batch_size=8, seed=0)
+    # the frozen copy is independent of the trained model
+    assert all(not p.requires_grad for p in task.frozen.parameters())
+    batches = list(task.batches(0))[:4]
+    with torch.no_grad():
+        before = sum(float(task.loss(model.unet, b)) for b in batches)
+    params = esd_parameters(model.unet, "esd-u")
+    assert all("norm" not in n for n, _ in params)
+    run_task(model.unet, task, _adam(30, lr=1e-3), params=params)
+    with torch.no_grad():
+        after = sum(float(task.loss(model.unet, b)) for b in batches)
+    assert after < 0.5 * before, (before, after)
+    # xt_source="data" variant runs on forget images
+    task_data = ESDTask(model.spec, model.unet, [7], (1, 8, 8), xt_source="data", data=forget, batch_size=4)
+    assert float(task_data.loss(model.unet, next(iter(task_data.batches(0))))) >= 0
+    with pytest.raises(ValueError, match="no cross-attention: use esd-u"):
+        esd_parameters(model.unet, "esd-x")
+
+
+def test_retrain_reinitialises_and_trains_on_retain_only(setup):
+    _model, forget, retain = setup
+    fresh = micro_ddpm(seed=0)
+    before = params_snapshot(fresh.unet)
+    task, params = make_task("retrain", fresh.spec, fresh.unet, forget, retain, {"batch_size": 32}, seed=4)
+    assert params is None and 3 not in set(task.data.ids.tolist())
+    assert any(not torch.equal(p, before[n]) for n, p in fresh.unet.named_parameters())  # re-initialised
+    with pytest.raises(ValueError, match="takes no mask"):
+        unlearn(
+            "retrain",
+            "ddpm",
+            fresh.unet,
+            fresh.spec,
+            forget,
+            retain,
+            mask=SaliencyMask.from_dense(
+                {n: torch.ones_like(p, dtype=torch.bool) for n, p in fresh.unet.named_parameters()}
+            ),
+        )
+
+
+def test_unlearn_driver_uses_recipes_and_overrides(setup):
+    _model, forget, retain = setup
+    m = micro_ddpm(seed=3)
+    fit = unlearn(
+        "salun",
+        "ddpm",
+        m.unet,
+        m.spec,
+        forget,
+        retain,
+        max_steps=2,
+        task_overrides={"batch_size": 16, "alpha": None},
+        engine_overrides={"progress": False},
+        optimizer_overrides={"lr": 1e-5},
+    )
+    assert fit.steps == 2
+
+
+def test_recipes_hold_the_paper_defaults():
+    r = recipe("ddpm", "salun")
+    assert (r.task["alpha"], r.engine.optimizer.name, r.engine.optimizer.lr, r.engine.max_steps) == (
+        1e-3,
+        "adam",
+        1e-4,
+        1000,
+    )
+    assert r.task["batch_size"] == 128 and r.engine.grad_clip == 1.0 and r.engine.optimizer.weight_decay == 0.0
+    r = recipe("sd", "salun")
+    assert (r.task["alpha"], r.engine.optimizer.lr, r.engine.epochs, r.task["batch_size"]) == (0.5, 1e-5, 5, 8)
+    r = recipe("sd-nsfw", "salun")
+    assert (r.task["alpha"], r.engine.epochs) == (0.1, 1)
+    r = recipe("sd", "esd-x")
+    assert (r.task["eta"], r.task["guidance_scale"], r.engine.max_steps, r.engine.optimizer.lr) == (
+        1.0,
+        3.0,
+        1000,
+        1e-5,
+    )
+    r = recipe("sd", "fmn")
+    assert (r.engine.optimizer.name, r.engine.optimizer.lr, r.engine.max_steps) == ("adamw", 2e-6, 35)
+    recipe("ddpm", "salun").task["alpha"] = 5  # recipes are copies
+    assert recipe("ddpm", "salun").task["alpha"] == 1e-3
+    with pytest.raises(ValueError, match="unknown method"):
+        recipe("ddpm", "scrub")
+    with pytest.raises(ValueError, match="does not apply to 'ddpm'"):
+        recipe("ddpm", "fmn")
+    with pytest.raises(ValueError, match="unknown setting"):
+        recipe("imagen", "salun")
+
+
+def test_salun_bad_input(setup):
+    model, forget, retain = setup
+    same = forget.subset(torch.ones(len(forget), dtype=torch.bool))
+    same.target_ids = same.ids.clone()
+    with pytest.raises(ValueError, match="c' equals c"):
+        SalUnTask(model.spec, same, retain)
+    with pytest.raises(ValueError, match="target_ids"):
+        SalUnTask(model.spec, retain, retain)
+    with pytest.raises(ValueError, match="needs a retain set"):
+        SalUnTask(model.spec, forget, None, alpha=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        SalUnTask(model.spec, forget, retain, alpha=-1.0)
+    with pytest.raises(ValueError, match="cond_drop"):
+        SalUnTask(model.spec, forget, retain, retain_cond_drop=1.0)
+
+
+def test_mask_subset_keeps_the_bits():
+    gen = torch.Generator().manual_seed(0)
+    dense = {f"t{i}": torch.rand((i * 37 + 5,), generator=gen) > 0.5 for i in range(5)}
+    mask = SaliencyMask.from_dense(dense)
+    sub = mask.subset(["t3", "t1"])
+    assert sub.names == ("t3", "t1")
+    assert torch.equal(sub.dense("t3"), dense["t3"]) and torch.equal(sub.dense("t1"), dense["t1"])
+    assert sub.k == int(dense["t3"].sum() + dense["t1"].sum())
+    assert mask.subset(list(mask.names)) is mask
+    with pytest.raises(KeyError, match="no tensor named 'zz'"):
+        mask.subset(["zz"])

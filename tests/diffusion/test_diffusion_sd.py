@@ -1,0 +1,252 @@
+"""Stable Diffusion path on a tiny random pipeline with the real CLIP tokenizer: loading, prompts, image sets,
+every method end to end (the loss moves the right way), masks over the UNet, save/load of the pipeline folder."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from salun_ext.diffusion.methods import FMNTask, cross_attention_modules, esd_parameters, unlearn
+from salun_ext.diffusion.saliency import diffusion_saliency
+from salun_ext.diffusion.sd import (
+    PromptedImages,
+    StableDiffusion,
+    class_folders,
+    class_wise_sets,
+    concept_prompts,
+    concept_sets,
+    generate_prompt_set,
+    load_class_folders,
+    load_image_folder,
+    load_pipeline,
+    save_images,
+)
+from tests.diffusion_helpers import load_tiny_sd, params_snapshot, random_images, tiny_pipeline_folder
+
+NUDE, CLOTHED = concept_prompts("nudity")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def nsfw_sets(sd):
+    forget = PromptedImages(random_images(4, seed=1), NUDE)
+    retain = PromptedImages(random_images(4, seed=2), CLOTHED)
+    return concept_sets(sd, forget, [retain], target_prompt=CLOTHED)
+
+
+def test_real_clip_tokenizer_and_truncation_warning(sd):
+    ids = sd.tokenize(["a photo of a cat"])[0]
+    assert ids[:7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and ids.numel() == 77
+    with pytest.warns(UserWarning, match="over the tokenizer's limit of 77: truncated"):
+        long = sd.tokenize(["cat " * 90])
+    assert long.shape == (1, 77) and long[0, -1] == 49407
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd.tokenize(["a short prompt"])  # no warning below the limit
+    assert sd.token_columns("a photo of a nude person", "nude") == [5]
+    assert sd.token_columns("an image of a chain saw", "chain saw") == [5, 6]
+    with pytest.raises(ValueError, match="does not occur"):
+        sd.token_columns("a photo of a cat", "dog")
+    with pytest.raises(ValueError, match="unknown concept 'violence'"):
+        concept_prompts("violence")
+
+
+def test_pipeline_folder_errors(tmp_path):
+    src = tiny_pipeline_folder()
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(FileNotFoundError, match=r"missing component\(s\) \['vae'\]"):
+        load_pipeline(broken)
+    (broken / "model_index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json is missing"):
+        load_pipeline(broken)
+    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
+        load_pipeline(tmp_path / "missing" / "deeper" / "sd")
+    with pytest.raises(ValueError, match="dtype"):
+        load_pipeline(src, dtype="int8")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        load_pipeline(src, dtype="fp16", device="cpu")
+
+
+def test_bf16_frozen_parts_with_fp32_trained_unet():
+    sd = StableDiffusion.from_pretrained(tiny_pipeline_folder(), dtype="bf16", device="cpu")
+    assert sd.pipe.text_encoder.dtype == torch.bfloat16 and sd.pipe.vae.dtype == torch.bfloat16
+    assert sd.unet.dtype == torch.float32  # master weights stay fp32
+    images = sd.generate(["a photo of a cat"], seeds=[0], num_inference_steps=2)
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_generation_is_seeded_and_checks_its_arguments(sd, tmp_path):
+    a = sd.generate(["a photo of a cat", "a dog"], seeds=[1, 2], num_inference_steps=2, guidance_scale=7.5)
+    b = sd.generate(["a photo of a cat"], seeds=[1], num_inference_steps=2, guidance_scale=7.5)
+    assert a.shape == (2, 3, 64, 64) and float(a.min()) >= 0 and float(a.max()) <= 1
+    torch.testing.assert_close(a[:1], b)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sd.generate(["x"], seeds=[0], guidance_scale=-2)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sd.generate(["x"], seeds=[0], num_inference_steps=5000)
+    with pytest.raises(ValueError, match="1 prompts but 2 seeds"):
+        sd.generate(["x"], seeds=[0, 1])
+    generated = generate_prompt_set(sd, CLOTHED, 2, tmp_path / "gen", num_inference_steps=2, progress=False)
+    assert generated.images.shape == (2, 3, 64, 64) and len(list((tmp_path / "gen").glob("*.png"))) == 2
+    again = generate_prompt_set(sd, CLOTHED, 2, tmp_path / "gen", progress=False)  # read back, not regenerated
+    torch.testing.assert_close(again.images, generated.images, atol=1 / 255, rtol=0)
+
+
+def test_image_folders(sd, tmp_path):
+    save_images(random_images(3, size=80, seed=3), tmp_path / "imgs")
+    loaded = load_image_folder(tmp_path / "imgs", 64)
+    assert loaded.shape == (3, 3, 64, 64)
+    for name in ("tench", "church"):
+        save_images(random_images(2, seed=4), tmp_path / "classes" / name)
+    by_class = load_class_folders(tmp_path / "classes", ["tench", "church"], 64)
+    assert set(by_class) == {"tench", "church"}
+    with pytest.raises(ValueError, match=r"unknown class\(es\) \['golf ball'\]"):
+        load_class_folders(tmp_path / "classes", ["golf ball"], 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image"):
+        load_image_folder(tmp_path / "empty", 64)
+    spec, forget, _retain = class_wise_sets(sd, by_class, "tench")
+    prompts = spec.conditioner.prompts
+    assert prompts[int(forget.ids[0])] == "an image of a tench"
+    assert prompts[int(forget.target_ids[0])] == "an image of a church"  # c' = the next class
+    with pytest.raises(ValueError, match="unknown class 'cat'"):
+        class_wise_sets(sd, by_class, "cat")
+    # folders are read lazily, up to `limit` images per class
+    folders = class_folders(tmp_path / "classes")
+    assert list(folders) == ["church", "tench"]
+    spec, forget, retain = class_wise_sets(sd, folders, "church", limit=1)
+    assert len(forget) == 1 and len(retain) == 1
+    assert spec.conditioner.prompts[int(forget.target_ids[0])] == "an image of a tench"
+    with pytest.raises(ValueError, match="has no class folder"):
+        class_folders(tmp_path / "empty")
+
+
+def test_concept_sets_encode_latent_moments(sd, nsfw_sets):
+    spec, forget, retain = nsfw_sets
+    assert spec.conditioner.prompts == ["", NUDE, CLOTHED]
+    assert forget.x0.shape == (4, 8, 8, 8) and forget.sample_shape == (4, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    a, b = forget.draw(torch.arange(2), gen), forget.draw(torch.arange(2), gen)
+    assert a.shape == (2, 4, 8, 8) and not torch.equal(a, b)  # a fresh latent per draw
+    assert set(forget.target_ids.tolist()) == {2} and set(retain.ids.tolist()) == {2}
+
+
+def test_mask_covers_the_sd_unet(sd, nsfw_sets):
+    spec, forget, _ = nsfw_sets
+    mask = diffusion_saliency(
+        sd.unet, spec, forget, guidance_scale=8.5, batch_size=2, clip_grad_norm=None, progress=False
+    )
+    mask.check_compatible(sd.unet, require_all=True)
+    assert mask.count() == mask.numel // 2
+
+
+def _fresh_sd():
+    return load_tiny_sd()
+
+
+def _loss_on(task, unet, batches):
+    with torch.no_grad():
+        return sum(float(task.loss(unet, b)) for b in batches)
+
+
+@pytest.mark.parametrize("method", ["salun", "ga", "esd-x", "esd-u", "fmn"])
+def test_every_method_moves_its_loss(method, nsfw_sets):
+    """Each method, run through `unlearn` (recipe + Engine), moves its own objective the right way."""
+    from salun_ext.diffusion.methods import make_task, recipe
+
+    sd = _fresh_sd()
+    spec, forget, retain = nsfw_sets
+    unet = sd.unet
+    r = recipe("sd-nsfw", method)
+    kw = dict(r.task)
+    if method.startswith("esd"):
+        # eta 10: a random tiny model barely separates eps(c) from eps(""), so eta 1 leaves nothing to regress
+        kw.update(sample_steps=3, batch_size=2, eta=10.0)
+    cols = sd.token_columns(NUDE, "nude") if method == "fmn" else None
+    probe_task, _params = make_task(method, spec, unet, forget, retain, kw, fmn_columns=cols, seed=11)
+    batches = list(probe_task.batches(0))[:2]
+    before = _loss_on(probe_task, unet, batches)
+    if isinstance(probe_task, FMNTask):
+        probe_task.remove()
+    start = params_snapshot(unet)
+    lr = {"salun": 1e-3, "ga": 1e-3, "esd-x": 3e-3, "esd-u": 3e-4, "fmn": 3e-3}[method]
+    unlearn(
+        method,
+        "sd-nsfw",
+        unet,
+        spec,
+        forget,
+        retain,
+        max_steps=12,
+        fmn_columns=cols,
+        task_overrides={k: v for k, v in kw.items() if k in ("sample_steps", "batch_size", "eta")},
+        engine_overrides={"progress": False, "amp": "none"},
+        optimizer_overrides={"lr": lr},
+    )
+    probe_task2, _ = make_task(method, spec, unet, forget, retain, kw, fmn_columns=cols, seed=11)
+    if method.startswith("esd"):
+        probe_task2.frozen = probe_task.frozen  # compare against the same frozen original
+    after = _loss_on(probe_task2, unet, batches)
+    if isinstance(probe_task2, FMNTask):
+        probe_task2.remove()
+    if method == "ga":
+        assert after < before, (before, after)  # GA's loss is -MSE: it goes down as the MSE goes up
+    else:
+        assert after < 0.8 * before, (before, after)
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, start[n])}
+    if method == "esd-x":
+        assert changed and all(".attn2." in n for n in changed)
+    if method == "esd-u":
+        assert changed and not any(".attn2." in n for n in changed)
+    # the probes were removed: attention runs through the original processors again
+    assert not any(type(m.processor).__name__ == "AttentionProbe" for m in cross_attention_modules(unet).values())
+
+
+def test_salun_sd_with_mask_and_pipeline_round_trip(tmp_path, nsfw_sets):
+    sd = _fresh_sd()
+    spec, forget, retain = nsfw_sets
+    mask = diffusion_saliency(sd.unet, spec, forget, batch_size=2, clip_grad_norm=None, progress=False)
+    start = params_snapshot(sd.unet)
+    unlearn(
+        "salun",
+        "sd-nsfw",
+        sd.unet,
+        spec,
+        forget,
+        retain,
+        mask=mask,
+        max_steps=2,
+        engine_overrides={"progress": False, "amp": "bf16"},
+        optimizer_overrides={"lr": 1e-3},
+    )
+    for n, p in sd.unet.named_parameters():
+        assert torch.equal(p[~mask.dense(n)], start[n][~mask.dense(n)]), n
+    sd.save_pretrained(tmp_path / "unlearned")
+    again = StableDiffusion.from_pretrained(tmp_path / "unlearned", device="cpu")
+    for (n, p), (_, q) in zip(sd.unet.named_parameters(), again.unet.named_parameters()):
+        assert torch.equal(p, q), n
+    # ESD-x with the same (whole-UNet) mask: restricted to cross-attention
+    xattn = dict(esd_parameters(sd.unet, "esd-x"))
+    assert mask.subset(list(xattn)).numel == sum(p.numel() for p in xattn.values())
+
+
+def test_gradient_checkpointing_and_attention_slicing_train(nsfw_sets):
+    sd = StableDiffusion.from_pretrained(
+        tiny_pipeline_folder(), device="cpu", gradient_checkpointing=True, attention_slicing=True
+    )
+    assert sd.unet.is_gradient_checkpointing
+    assert any("Sliced" in type(p).__name__ for p in sd.unet.attn_processors.values())
+    spec, forget, retain = nsfw_sets
+    start = params_snapshot(sd.unet)
+    fit = unlearn("salun", "sd-nsfw", sd.unet, spec, forget, retain, max_steps=2,
+                  engine_overrides={"progress": False, "amp": "none"}, optimizer_overrides={"lr": 1e-3})  # fmt: skip
+    assert fit.steps == 2 and any(not torch.equal(p, start[n]) for n, p in sd.unet.named_parameters())

@@ -1,0 +1,231 @@
+"""Compiled saliency kernels == the plain-PyTorch reference, bit for bit, on fuzzed and nasty inputs."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from conftest import REQUIRE_NATIVE
+from tests.helpers import DEVICES, VALUE_KINDS, id_formatter, nasty_list
+
+import salun_ext
+from salun_ext.ops import _reference
+from salun_ext.saliency import find_thresholds
+from salun_ext.saliency.local import DIGIT_WIDTHS
+
+pytestmark = pytest.mark.skipif(
+    not salun_ext.native.loaded and not REQUIRE_NATIVE,
+    reason=f"compiled kernels not loaded ({salun_ext.native.reason}); nothing to compare with the reference",
+)
+
+SIZE_SETS = {
+    "odd": [1, 0, 33, 4097, 127, 1000, 65537],
+    "tiny_many": [1, 2, 3, 5, 7] * 16,
+    "one": [1],
+}
+DTYPE_SETS = {
+    "fp32": [torch.float32],
+    "bf16": [torch.bfloat16],
+    "fp16": [torch.float16],
+    "mixed": [torch.float32, torch.bfloat16, torch.float16],
+}
+
+
+def test_native_kernels_loaded():
+    # `make test` sets SALUN_EXT_REQUIRE_NATIVE=1: a silently failed build must not pass as green
+    assert salun_ext.native.loaded, salun_ext.native.reason
+
+
+def _digits(tensors, device):
+    """Every (low_bit, num_bits, prefixes) the driver would use, plus a few arbitrary ones."""
+    specs = [(31 - DIGIT_WIDTHS[0], DIGIT_WIDTHS[0], [0]), (15, 16, [0]), (0, 16, [0, 1, 5, 0x7F00]), (7, 3, [0, 2])]
+    keys = torch.cat(
+        [_reference.keys(t.cpu(), True) for t in tensors if t.numel()] or [torch.zeros(1, dtype=torch.long)]
+    )
+    sample = sorted(set(int(x) for x in keys[:: max(1, keys.numel() // 5)].tolist()))
+    for low in (19, 9):
+        width = 10 if low == 9 else 12
+        prefixes = sorted({k >> (low + width) for k in sample})
+        specs.append((low, width, prefixes))
+    return specs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=id_formatter("dtypes"))
+@pytest.mark.parametrize("sizes", list(SIZE_SETS), ids=id_formatter("sizes"))
+def test_key_histogram_matches_reference(device, kind, dtypes, sizes):
+    tensors = nasty_list(
+        SIZE_SETS[sizes],
+        kind,
+        DTYPE_SETS[dtypes],
+        seed=zlib.crc32(f"{kind}{dtypes}{sizes}".encode()) % 1000,
+        device=device,
+    )
+    for nan_as_zero in (False, True):
+        for low_bit, num_bits, prefixes in _digits(tensors, device):
+            got = torch.ops.salun_ext.key_histogram(tensors, low_bit, num_bits, prefixes, nan_as_zero)
+            want = _reference.key_histogram(tensors, low_bit, num_bits, prefixes, nan_as_zero)
+            assert got.device == want.device
+            assert torch.equal(got, want), (low_bit, num_bits, prefixes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=id_formatter("dtypes"))
+@pytest.mark.parametrize("sizes", list(SIZE_SETS), ids=id_formatter("sizes"))
+def test_mask_words_matches_reference(device, kind, dtypes, sizes):
+    tensors = nasty_list(SIZE_SETS[sizes], kind, DTYPE_SETS[dtypes], seed=7, device=device)
+    total = sum(t.numel() for t in tensors)
+    ks = sorted({0, 1, total // 3, total // 2, total - 1, total} - {0})
+    for th in find_thresholds(tensors, ks, nan_as_zero=True):
+        limits = {-1, 0, 1, th.k - th.greater, max(0, th.ties - 1), th.ties // 2}
+        for tie_limit in sorted(limits):
+            got = torch.ops.salun_ext.mask_words(tensors, th.key, tie_limit, True)
+            want = _reference.mask_words(tensors, th.key, tie_limit, True)
+            assert torch.equal(got, want), (th, tie_limit)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_keys_match_reference(device):
+    t = torch.tensor([1.0, float("nan"), -float("nan"), float("inf"), 0.0], device=device)
+    for nan_as_zero in (False, True):
+        got = torch.ops.salun_ext.key_histogram([t], 19, 12, [0], nan_as_zero)
+        assert torch.equal(got, _reference.key_histogram([t], 19, 12, [0], nan_as_zero))
+        for key in (0, 0x3F800000, 0x7F800000, 0x7FFFFFFF):
+            got = torch.ops.salun_ext.mask_words([t], key, -1, nan_as_zero)
+            assert torch.equal(got, _reference.mask_words([t], key, -1, nan_as_zero))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_thousands_of_tiny_tensors(device):
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(int(n), generator=gen).to(device) for n in torch.randint(1, 40, (3000,), generator=gen)]
+    got = torch.ops.salun_ext.key_histogram(tensors, 19, 12, [0], False)
+    assert torch.equal(got, _reference.key_histogram(tensors, 19, 12, [0], False))
+    th = find_thresholds(tensors, [sum(t.numel() for t in tensors) // 2])[0]
+    got = torch.ops.salun_ext.mask_words(tensors, th.key, 1, False)
+    assert torch.equal(got, _reference.mask_words(tensors, th.key, 1, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_ties_across_chunk_and_tensor_boundaries(device):
+    # all-equal values spread over tensors larger than a kernel chunk: the tie quota ends mid-chunk, at a chunk
+    # boundary, and mid-tensor; ranks must follow global index order
+    tensors = [torch.ones(70_000, device=device), torch.ones(5, device=device), torch.ones(131_072, device=device)]
+    total = sum(t.numel() for t in tensors)
+    for limit in (1, 31, 32, 65_536, 65_537, 70_000, 70_003, 70_005, 131_072, total - 1):
+        got = torch.ops.salun_ext.mask_words(tensors, 0x3F800000, limit, False)
+        want = _reference.mask_words(tensors, 0x3F800000, limit, False)
+        assert torch.equal(got, want), limit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_views_use_scalar_path(device):
+    # a contiguous view starting at an odd element offset is not 16-byte aligned
+    base = torch.randn(10_001, device=device)
+    view = base[1:]
+    assert view.is_contiguous()
+    got = torch.ops.salun_ext.key_histogram([view], 19, 12, [0], False)
+    assert torch.equal(got, _reference.key_histogram([view], 19, 12, [0], False))
+    got = torch.ops.salun_ext.mask_words([view], 0x3F000000, -1, False)
+    assert torch.equal(got, _reference.mask_words([view], 0x3F000000, -1, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda d: torch.ops.salun_ext.key_histogram([], 19, 12, [0], False), "empty list"),
+        (
+            lambda d: torch.ops.salun_ext.key_histogram(
+                [torch.ones(3, dtype=torch.float64, device=d)], 19, 12, [0], False
+            ),
+            "dtype",
+        ),
+        (
+            lambda d: torch.ops.salun_ext.key_histogram([torch.ones(3, 4, device=d).t()], 19, 12, [0], False),
+            "contiguous",
+        ),
+        (lambda d: torch.ops.salun_ext.key_histogram([torch.ones(3, device=d)], 19, 13, [0], False), "low_bit"),
+        (
+            lambda d: torch.ops.salun_ext.key_histogram([torch.ones(3, device=d)], 9, 10, [5, 5], False),
+            "strictly increasing",
+        ),
+        (
+            lambda d: torch.ops.salun_ext.key_histogram([torch.ones(3, device=d)], 9, 10, [], False),
+            "at least one prefix",
+        ),
+        (lambda d: torch.ops.salun_ext.mask_words([torch.ones(3, device=d)], -1, -1, False), "threshold_key"),
+    ],
+    ids=["empty", "fp64", "noncontiguous", "digit", "prefix_order", "no_prefix", "threshold"],
+)
+def test_bad_arguments_raise_the_same_error_as_reference(device, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    tensors = [torch.randn(100, device=device), torch.randn(7, 3, device=device).to(torch.bfloat16)]
+    torch.library.opcheck(torch.ops.salun_ext.key_histogram.default, (tensors, 19, 12, [0], False))
+    torch.library.opcheck(torch.ops.salun_ext.key_histogram.default, (tensors, 9, 10, [0, 1000], True))
+    torch.library.opcheck(torch.ops.salun_ext.mask_words.default, (tensors, 0x3F000000, -1, False))
+    torch.library.opcheck(torch.ops.salun_ext.mask_words.default, (tensors, 0x3F000000, 3, False))
+    torch.library.opcheck(torch.ops.salun_ext.sample_keys.default, (tensors, 50, False))
+    if device == "cpu":  # the CUDA kernel appends candidates in a nondeterministic order
+        torch.library.opcheck(torch.ops.salun_ext.window_select.default, (tensors, 0x3E000000, 0x3F800000, 64, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", ["fp32", "mixed"], ids=id_formatter("dtypes"))
+def test_sample_keys_matches_reference(device, kind, dtypes):
+    tensors = nasty_list(SIZE_SETS["odd"], kind, DTYPE_SETS[dtypes], seed=5, device=device)
+    total = sum(t.numel() for t in tensors)
+    for samples in (1, 7, 1000, total, total + 5):
+        for nan_as_zero in (False, True):
+            got = torch.ops.salun_ext.sample_keys(tensors, samples, nan_as_zero)
+            assert torch.equal(got, _reference.sample_keys(tensors, samples, nan_as_zero))
+
+
+def _sorted_candidates(keys, pos, count):
+    order = torch.argsort(pos[:count])
+    return keys[:count][order], pos[:count][order]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=id_formatter("dtypes"))
+def test_window_select_matches_reference(device, kind, dtypes):
+    tensors = nasty_list(SIZE_SETS["odd"], kind, DTYPE_SETS[dtypes], seed=6, device=device)
+    keys = torch.cat([_reference.keys(t.cpu(), False) for t in tensors])
+    qs = torch.quantile(keys.double(), torch.tensor([0.0, 0.3, 0.5, 0.51, 0.9, 1.0], dtype=torch.double))
+    windows = [
+        (int(qs[1]), int(qs[2])),
+        (int(qs[2]), int(qs[3])),
+        (int(qs[0]), int(qs[5])),
+        (0, 0),
+        (int(qs[4]), _reference.NAN_KEY),
+        (int(qs[3]), int(qs[3])),
+    ]
+    for lo, hi in windows:
+        for nan_as_zero in (False, True):
+            got = torch.ops.salun_ext.window_select(tensors, lo, hi, 200_000, nan_as_zero)
+            want = _reference.window_select(tensors, lo, hi, 200_000, nan_as_zero)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (lo, hi)
+            count = int(want[1][1])
+            gk, gp = _sorted_candidates(got[2], got[3], count)
+            wk, wp = _sorted_candidates(want[2], want[3], count)
+            assert torch.equal(gk, wk) and torch.equal(gp, wp), (lo, hi)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_select_overflow_still_counts_everything(device):
+    tensors = [torch.zeros(100_000, device=device), torch.ones(5, device=device)]
+    words, counts, keys, pos = torch.ops.salun_ext.window_select(tensors, 0, 0, 1000, False)
+    assert counts.tolist() == [5, 100_000, 0]
+    assert keys.numel() == 1000 and bool((keys == 0).all())
+    assert bool((pos < 100_000).all()), "only in-window (zero) elements are stored"
+    assert salun_ext.ops._mask_layout.popcount(words) == 5

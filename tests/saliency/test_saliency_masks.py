@@ -1,0 +1,379 @@
+"""saliency_masks / compute_saliency: exactness against a concatenate-and-argsort oracle, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tests.helpers import DEVICES, VALUE_KINDS, flat_dense, id_formatter, nasty_list, oracle_exact_mask, oracle_keys
+
+import salun_ext
+from salun_ext.saliency import ratio_to_k
+
+SIZES = [300, 1, 0, 4097, 33, 2000]
+RATIOS = [0.0, 0.001, 0.1, 0.5, 0.9, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize(
+    "dtypes",
+    [[torch.float32], [torch.bfloat16], [torch.float16], [torch.float32, torch.float16, torch.bfloat16]],
+    ids=id_formatter("dtypes"),
+)
+def test_exact_k_equals_stable_argsort_ranks(device, kind, dtypes):
+    tensors = nasty_list(SIZES, kind, dtypes, seed=11, device=device)
+    masks = salun_ext.saliency_masks(tensors, RATIOS, nan="zero")
+    total = sum(t.numel() for t in tensors)
+    for ratio, mask in zip(RATIOS, masks):
+        k = ratio_to_k(ratio, total)
+        assert mask.k == k
+        assert mask.count() == k
+        got = flat_dense(mask)
+        assert torch.equal(got, oracle_exact_mask(tensors, k)), (ratio, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["heavy", "zeros90", "ties", "narrow"])
+def test_threshold_mode_selects_everything_at_or_above_the_kth(device, kind):
+    tensors = nasty_list(SIZES, kind, [torch.float32], seed=5, device=device)
+    keys = oracle_keys(tensors)
+    for mask in salun_ext.saliency_masks(tensors, [0.1, 0.5, 0.9], exact_k=False):
+        kth = torch.sort(keys, descending=True).values[mask.k - 1]
+        got = flat_dense(mask)
+        assert torch.equal(got, keys >= kth)
+        assert mask.count() >= mask.k
+        assert mask.threshold == pytest.approx(float(torch.tensor([int(kth)], dtype=torch.int32).view(torch.float32)))
+
+
+def test_threshold_value_is_the_kth_largest_magnitude():
+    g = {"a": torch.tensor([0.5, -3.0, 2.0]), "b": torch.tensor([[-1.0, 4.0]])}
+    mask = salun_ext.saliency_masks(g, 0.4)  # k = 2 of 5 -> {4, -3}
+    assert mask.k == 2
+    assert mask.threshold == 3.0
+    assert mask.dense("a").tolist() == [False, True, False]
+    assert mask.dense("b").tolist() == [[False, True]]
+    assert salun_ext.saliency_masks(g, 0.0).threshold == float("inf")
+
+
+def test_ties_broken_by_parameter_order_then_flat_index():
+    g = {"first": torch.tensor([1.0, 2.0, 1.0]), "second": torch.tensor([1.0, 1.0])}
+    mask = salun_ext.saliency_masks(g, 0.6)  # k = 3: the 2.0, then the first two 1.0s in global order
+    assert mask.dense("first").tolist() == [True, True, True]
+    assert mask.dense("second").tolist() == [False, False]
+    loose = salun_ext.saliency_masks(g, 0.6, exact_k=False)
+    assert loose.count() == 5
+
+
+def test_accepts_mapping_named_parameters_and_lists():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    model(torch.randn(5, 4)).sum().backward()
+    from_params = salun_ext.saliency_masks(model.named_parameters(), 0.5)
+    from_dict = salun_ext.saliency_masks({n: p.grad for n, p in model.named_parameters()}, 0.5)
+    from_list = salun_ext.saliency_masks([p.grad for p in model.parameters()], 0.5)
+    assert from_params.equal(from_dict)
+    assert from_params.names == tuple(n for n, _ in model.named_parameters())
+    assert torch.equal(from_list.words, from_dict.words)
+    assert from_list.names == tuple(str(i) for i in range(4))
+
+
+def test_non_contiguous_views_rank_in_row_major_order():
+    base = torch.randn(6, 8)
+    view = base[:, ::2]  # non-contiguous
+    mask = salun_ext.saliency_masks({"v": view}, 0.5)
+    assert torch.equal(mask.dense("v").reshape(-1), oracle_exact_mask([view.contiguous()], 12))
+
+
+def test_find_thresholds_accepts_channels_last_transposed_and_strided_tensors():
+    # the soft-threshold step of SalUn-soft ranks theta - theta_0, which is channels_last for conv weights
+    from salun_ext.saliency import find_thresholds
+
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    tensors = [conv, torch.randn(7, 9, generator=gen).t(), torch.randn(40, generator=gen)[::3]]
+    assert not any(t.is_contiguous() for t in tensors)
+    total = sum(t.numel() for t in tensors)
+    ks = [1, 17, total // 2, total]
+    got = [th.value for th in find_thresholds(tensors, ks)]
+    expected = [th.value for th in find_thresholds([t.contiguous() for t in tensors], ks)]
+    assert got == expected
+    ordered = torch.cat([t.reshape(-1).abs() for t in tensors]).sort(descending=True).values
+    assert got == [ordered[k - 1].item() for k in ks]
+
+
+def test_multi_ratio_equals_single_ratio_calls():
+    tensors = nasty_list([500, 1000, 77], "heavy", [torch.float32], seed=2)
+    ratios = [0.05, 0.3, 0.3, 0.75]
+    together = salun_ext.saliency_masks(tensors, ratios)
+    for r, mask in zip(ratios, together):
+        assert mask.equal(salun_ext.saliency_masks(tensors, r))
+
+
+def test_nan_raises_naming_the_tensor_unless_treated_as_zero():
+    g = {"ok": torch.ones(4), "bad.weight": torch.tensor([1.0, float("nan"), 2.0])}
+    with pytest.raises(ValueError, match=r"bad\.weight \(1 NaN\)"):
+        salun_ext.saliency_masks(g, 0.5)
+    mask = salun_ext.saliency_masks(g, 0.5, nan="zero")
+    assert mask.dense("bad.weight")[1].item() is False
+    with pytest.raises(ValueError, match="nan must be"):
+        salun_ext.saliency_masks(g, 0.5, nan="ignore")
+
+
+@pytest.mark.parametrize(
+    "grads, ratios, error, message",
+    [
+        ({}, 0.5, ValueError, "no gradients"),
+        ({"a": torch.zeros(0)}, 0.5, ValueError, "0 elements"),
+        ({"a": torch.ones(3)}, 1.5, ValueError, r"ratio must be in \[0, 1\], got 1.5"),
+        ({"a": torch.ones(3)}, -0.1, ValueError, r"ratio must be in \[0, 1\]"),
+        ({"a": torch.ones(3)}, [], ValueError, "empty sequence"),
+        ({"a": torch.ones(3)}, "half", TypeError, "ratio must be a float"),
+        ({"a": torch.ones(3, dtype=torch.float64)}, 0.5, TypeError, r"'a' has dtype torch.float64.*\.float\(\)"),
+        ({"a": torch.ones(3, dtype=torch.int64)}, 0.5, TypeError, "expected float32"),
+        ({"a": torch.ones(3), "b": torch.ones(2, device="meta")}, 0.5, ValueError, "one device"),
+        ({"a": "not a tensor"}, 0.5, TypeError, "'a' is a str"),
+    ],
+    ids=[
+        "empty",
+        "zero_elements",
+        "ratio_high",
+        "ratio_low",
+        "no_ratios",
+        "ratio_str",
+        "fp64",
+        "int",
+        "devices",
+        "str",
+    ],
+)
+def test_bad_input_is_a_clear_error(grads, ratios, error, message):
+    with pytest.raises(error, match=message):
+        salun_ext.saliency_masks(grads, ratios)
+
+
+def test_parameter_without_grad_is_named():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"parameter 'weight' has no \.grad"):
+        salun_ext.saliency_masks(model.named_parameters(), 0.5)
+
+
+def test_ratio_to_k_reads_the_ratio_as_written():
+    assert ratio_to_k(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996 in binary floating point
+    assert ratio_to_k(0.5, 7) == 3
+    assert ratio_to_k(1.0, 7) == 7
+    assert ratio_to_k(0.0, 7) == 0
+    assert ratio_to_k(1, 7) == 7
+
+
+def test_forced_reference_path_gives_the_same_mask(tmp_path):
+    tensors = nasty_list([1000, 333, 4097], "zeros30", [torch.float32, torch.bfloat16], seed=9)
+    path = tmp_path / "grads.pt"
+    torch.save(tensors, path)
+    expected = salun_ext.saliency_masks(tensors, [0.1, 0.5])
+    script = (
+        "import sys, torch, salun_ext\n"
+        "assert not salun_ext.native.loaded and 'FORCE_REFERENCE' in salun_ext.native.reason\n"
+        "t = torch.load(sys.argv[1], weights_only=True)\n"
+        "for i, m in enumerate(salun_ext.saliency_masks(t, [0.1, 0.5])):\n"
+        "    m.save(sys.argv[2] + f'.{i}')\n"
+    )
+    env = dict(os.environ, SALUN_EXT_FORCE_REFERENCE="1")
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "m")], check=True, env=env)
+    for i, mask in enumerate(expected):
+        assert salun_ext.SaliencyMask.load(tmp_path / f"m.{i}").equal(mask)
+
+
+def test_env_command_reports_kernels(capsys):
+    from salun_ext.cli import main
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "salun_ext::key_histogram" in out and "salun_ext::mask_words" in out
+    assert ("compiled: CPU" in out) == salun_ext.native.loaded
+
+
+# ------------------------------------------------------------------------------------------- compute_saliency
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3)
+    )
+
+
+def _batches(n=3):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 1, 6, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)) for _ in range(n)]
+
+
+def _neg_ce(model, batch):
+    x, y = batch
+    return -torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _manual_grads(model, batches, transform):
+    model.eval()
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in batches:
+        model.zero_grad()
+        _neg_ce(model, b).backward()
+        for n, p in model.named_parameters():
+            acc[n] += transform(p.grad)
+    return acc
+
+
+def test_compute_saliency_abs_of_sum_matches_manual():
+    model, batches = _tiny_model(), _batches()
+    manual = _manual_grads(model, batches, lambda g: g.clone())
+    expected = salun_ext.saliency_masks({n: g.abs() for n, g in manual.items()}, [0.2, 0.5])
+    model.train()
+    got = salun_ext.compute_saliency(model, _neg_ce, batches, [0.2, 0.5], progress=False)
+    assert model.training, "the model's mode is restored"
+    assert all(p.grad is None for p in model.parameters())
+    for g, e in zip(got, expected):
+        assert g.equal(e)
+
+
+def test_compute_saliency_sum_of_abs_and_clipping():
+    model, batches = _tiny_model(), _batches()
+    manual = _manual_grads(model, batches, lambda g: g.abs())
+    expected = salun_ext.saliency_masks(manual, 0.3)
+    got = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, reduction="sum_of_abs", progress=False)
+    assert got.equal(expected)
+
+
+def test_compute_saliency_clips_each_batch_before_summing():
+    # one batch with 50x larger inputs dominates the unclipped sum; clipping every batch to the same norm
+    # (the DDPM recipe) must give the other batches an equal say, so the mask changes
+    model, batches = _tiny_model(), _batches()
+    batches[0] = (batches[0][0] * 50, batches[0][1])
+    model.eval()
+    params = list(model.parameters())
+    clipped_sum = [torch.zeros_like(p) for p in params]
+    for b in batches:
+        model.zero_grad()
+        _neg_ce(model, b).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1e-3)
+        assert norm > 1e-3, "the test needs every batch to be clipped"
+        for acc, p in zip(clipped_sum, params):
+            acc += p.grad
+    names = [n for n, _ in model.named_parameters()]
+    expected = salun_ext.saliency_masks({n: g.abs() for n, g in zip(names, clipped_sum)}, 0.3)
+    got = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, clip_grad_norm=1e-3, progress=False)
+    assert got.equal(expected)
+    unclipped = salun_ext.compute_saliency(model, _neg_ce, batches, 0.3, progress=False)
+    assert not got.equal(unclipped), "clipping had no effect on the mask"
+
+
+def test_compute_saliency_parameter_selection():
+    model, batches = _tiny_model(), _batches(1)
+    mask = salun_ext.compute_saliency(model, _neg_ce, batches, 0.5, params="conv_linear", progress=False)
+    assert mask.names == ("0.weight", "4.weight")
+    mask = salun_ext.compute_saliency(
+        model, _neg_ce, batches, 0.5, params=lambda n, p: n.startswith("4."), progress=False
+    )
+    assert mask.names == ("4.weight", "4.bias")
+    with pytest.raises(ValueError, match="unknown parameter preset"):
+        salun_ext.compute_saliency(model, _neg_ce, batches, 0.5, params="weights", progress=False)
+    with pytest.raises(ValueError, match="unknown or frozen"):
+        salun_ext.compute_saliency(model, _neg_ce, batches, 0.5, params=["nope"], progress=False)
+
+
+def test_compute_saliency_bad_input():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="yielded no batch"):
+        salun_ext.compute_saliency(model, _neg_ce, [], 0.5, progress=False)
+    with pytest.raises(ValueError, match="reduction"):
+        salun_ext.compute_saliency(model, _neg_ce, _batches(1), 0.5, reduction="mean", progress=False)
+    with pytest.raises(TypeError, match="scalar"):
+        salun_ext.compute_saliency(model, lambda m, b: m(b[0]), _batches(1), 0.5, progress=False)
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_32_elements_exact_with_ties_beyond_32_bit_indices():
+    # 4 x 2^30 bf16 zeros + a small tensor of distinct values: the threshold sits on 0, the tie quota ends at a
+    # global index above 2^32 (torch.topk returns wrong indices past 2^32 elements). ~9 GB of memory.
+    zeros = [torch.zeros(2**30, dtype=torch.bfloat16) for _ in range(4)]
+    tail = torch.arange(1, 1025, dtype=torch.float32).to(torch.bfloat16)
+    grads = [*zeros, tail]
+    total = 2**32 + 1024
+    ratio = 0.999  # k = floor(0.999 * total): all 1024 values plus most of the zeros
+    mask = salun_ext.saliency_masks(grads, ratio)
+    k = ratio_to_k(ratio, total)
+    assert mask.count() == k
+    ties_taken = k - 1024
+    for i in range(4):
+        expected = min(2**30, max(0, ties_taken - i * 2**30))
+        assert mask.count(str(i)) == expected
+    assert mask.count("4") == 1024
+    last = mask.dense("3")
+    cut = ties_taken - 3 * 2**30
+    assert bool(last[:cut].all()) and not bool(last[cut:].any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+@pytest.mark.parametrize("method", ["window", "histogram"])
+def test_every_method_is_exact(device, kind, method):
+    tensors = nasty_list([70_000, 1, 40_000, 333], kind, [torch.float32, torch.bfloat16], seed=8, device=device)
+    masks = salun_ext.saliency_masks(tensors, RATIOS, nan="zero", method=method)
+    for mask in masks:
+        assert torch.equal(flat_dense(mask), oracle_exact_mask(tensors, mask.k))
+    loose = salun_ext.saliency_masks(tensors, [0.1, 0.5], nan="zero", method=method, exact_k=False)
+    keys = oracle_keys(tensors)
+    for mask in loose:
+        kth = torch.sort(keys, descending=True).values[mask.k - 1]
+        assert torch.equal(flat_dense(mask), keys >= kth)
+
+
+def test_window_falls_back_to_histograms_when_the_bracket_misses(monkeypatch, caplog):
+    from salun_ext.saliency import local as saliency
+
+    tensors = nasty_list([100_000, 50_000], "zeros30", [torch.float32], seed=12)
+    expected = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="histogram")
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 10)  # every window exceeds the buffer budget
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window")
+    assert "exceeds the buffer budget" in caplog.text
+    for g, e in zip(got, expected):
+        assert g.equal(e) and g.threshold == e.threshold
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 1 << 20)
+    monkeypatch.setattr(saliency, "WINDOW_HEADROOM", 0.0)  # buffers of WINDOW_SLACK candidates overflow
+    monkeypatch.setattr(saliency, "WINDOW_SLACK", 8)
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window")
+    assert "window select missed" in caplog.text
+    for g, e in zip(got, expected):
+        assert g.equal(e) and g.threshold == e.threshold
+    monkeypatch.setattr(saliency, "WINDOW_HEADROOM", 2.0)
+    monkeypatch.setattr(saliency, "WINDOW_SLACK", 1 << 14)
+    monkeypatch.setitem(saliency.WINDOW_CAPACITY, "cpu", 1 << 20)
+    monkeypatch.setattr(saliency, "WINDOW_SIGMAS", 0.0)  # a bracket too narrow to hold the threshold, often
+    for g, e in zip(salun_ext.saliency_masks(tensors, [0.2, 0.6], method="window"), expected):
+        assert g.equal(e)
+
+
+def test_window_buffers_sized_from_the_sample_hold_the_window(caplog):
+    # the candidate buffer is sized per k from the sample (memory budget): it must still hold typical windows,
+    # or every mask would silently pay for the histogram fallback
+    tensors = nasty_list([400_000, 300_000, 5_000], "heavy", [torch.float32], seed=4)
+    ratios = [0.001, 0.1, 0.5, 0.9, 0.999]
+    with caplog.at_level("DEBUG", logger="salun_ext"):
+        got = salun_ext.saliency_masks(tensors, ratios, method="window")
+    assert "window select missed" not in caplog.text
+    for g, e in zip(got, salun_ext.saliency_masks(tensors, ratios, method="histogram")):
+        assert g.equal(e) and g.threshold == e.threshold
+
+
+def test_window_nan_is_reported():
+    g = {"w": torch.randn(100_000)}
+    g["w"][77] = float("nan")
+    with pytest.raises(ValueError, match=r"w \(1 NaN\)"):
+        salun_ext.saliency_masks(g, 0.5, method="window")
+    with pytest.raises(ValueError, match="method must be"):
+        salun_ext.saliency_masks(g, 0.5, method="sort")

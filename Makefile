@@ -42,8 +42,10 @@ test-all: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks -m "" --benchmark-enable --benchmark-columns=min,median,max
 
+# ruff, and the import-linter contract of the layered package (pyproject.toml [tool.importlinter])
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check salun_ext tests benchmarks setup.py
+	$(VENV)/bin/lint-imports
 
 env: $(BUILD_STAMP)
 	$(PY) -m salun_ext env

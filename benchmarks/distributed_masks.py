@@ -68,8 +68,8 @@ def build_grads(shapes, dtype, layout, rank, world, device, seed=0):
 
 
 def measure(spec: str, dtype: str, layout: str, ratio: float, reps: int, device: torch.device) -> dict | None:
-    from salun_ext.saliency.distributed import distributed_saliency_masks
     from salun_ext.saliency import saliency_masks
+    from salun_ext.saliency.distributed import distributed_saliency_masks
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shapes = list_shapes(spec)

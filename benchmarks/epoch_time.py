@@ -28,9 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from salun_ext.data import Augment, ImageDataset  # noqa: E402
-from salun_ext.classification.experiment import machine_description  # noqa: E402
-from salun_ext.models import build_model  # noqa: E402
 from salun_ext.classification import (  # noqa: E402
     OriginalTrainConfig,
     RunOptions,
@@ -38,6 +35,9 @@ from salun_ext.classification import (  # noqa: E402
     get_method,
     train_original_model,
 )
+from salun_ext.classification.experiment import machine_description  # noqa: E402
+from salun_ext.data import Augment, ImageDataset  # noqa: E402
+from salun_ext.models import build_model  # noqa: E402
 from salun_ext.utils import resolve_device  # noqa: E402
 
 

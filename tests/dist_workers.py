@@ -462,9 +462,8 @@ def _full(t):
 
 def check_lm_cli_ddp(rank, world, ctx):
     """`salun-ext lm unlearn` with the torchrun environment (RANK/WORLD_SIZE/... are set): DDP end to end."""
-    from tests.lm_fixtures import build_tiny_lm, write_text_sets
-
     from salun_ext.cli import main
+    from tests.lm_fixtures import build_tiny_lm, write_text_sets
 
     out = ctx["out"]
     if rank == 0:

@@ -81,10 +81,7 @@ def test_no_import_cycles_between_top_level_parts():
                 edges.setdefault(src, set()).add(dst)
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for nxt in edges.get(start, ()):
-            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
-                return True
-        return False
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
 
     cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a in edges for b in edges[a] if reaches(b, a, {b}))
     assert not cycles, "import cycles between parts of salun_ext: " + "; ".join(cycles)

@@ -71,12 +71,8 @@ class ExperimentConfig:
     mia_shadow_size: int | None = None
     save_models: bool = False
     out_dir: str | None = None  # None: runs/reproduce-<dataset>-<timestamp>
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    progress: bool = True
-    resume: bool = False
+    # how every piece runs (device, precision, progress, resume); each run's seed and checkpoints are set per piece
+    run: RunOptions = dataclasses.field(default_factory=RunOptions)
     verbose: bool = True
 
 
@@ -119,7 +115,7 @@ class Experiment:
         self.dataset = dataset_key(config.dataset)
         preset = preset_for(self.dataset, config.preset)
         self.preset = preset
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.run.device)
         self.out = Path(
             config.out_dir or f"runs/reproduce-{self.dataset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         )
@@ -164,17 +160,9 @@ class Experiment:
         return out
 
     def options(self, seed: int, checkpoint_dir: Path | None) -> RunOptions:
-        c = self.config
-        return RunOptions(
-            device=str(self.device),
-            seed=seed,
-            amp=c.amp,
-            channels_last=c.channels_last,
-            compile=c.compile,
-            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
-            resume=c.resume,
-            progress=c.progress,
-        )
+        """The run options of one piece: the experiment's, with the piece's seed and checkpoint folder."""
+        folder = str(checkpoint_dir) if checkpoint_dir is not None else None
+        return dataclasses.replace(self.config.run, device=str(self.device), seed=seed, checkpoint_dir=folder)
 
     # ------------------------------------------------------------------------------------------- pieces
     def split(self, scenario: Scenario, seed: int) -> UnlearningSplit:
@@ -218,7 +206,7 @@ class Experiment:
         folder = self.out / "original" / f"seed{seed}"
         path = folder / "model.safetensors"
         fingerprint = self._original_fingerprint(seed)
-        if self.config.resume and path.exists() and (folder / "original.json").exists():
+        if self.config.run.resume and path.exists() and (folder / "original.json").exists():
             model, _, extra = load_classifier(path, expect=self.spec)
             if extra.get("fingerprint") == fingerprint:
                 self.log(f"original model (seed {seed}): reusing {path}")
@@ -287,7 +275,7 @@ class Experiment:
             }
         )
         result_path = folder / "result.json"
-        if self.config.resume and result_path.exists():
+        if self.config.run.resume and result_path.exists():
             record = json.loads(result_path.read_text())
             if record.get("fingerprint") == fingerprint:
                 self._log_record(record, cached=True)

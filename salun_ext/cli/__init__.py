@@ -38,11 +38,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; with --config, the file's values fill every option the command line leaves out."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        apply_config(args._parser, args.config)
-        args = parser.parse_args(argv)
-    return args
+    path = _config_path(argv)
+    if path is not None:  # before parsing: the file may hold required options
+        apply_config(_command_parser(parser, argv), path)
+    return parser.parse_args(argv)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--config="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that `argv` names."""
+    words = iter(w for w in argv if not w.startswith("-"))
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return parser
+        word = next(words, None)
+        if word not in subs[0].choices:
+            return parser  # argparse itself reports the unknown command
+        parser = subs[0].choices[word]
 
 
 def command_name(args: argparse.Namespace | None, argv: Sequence[str] | None) -> str:

@@ -7,8 +7,9 @@
     salun-ext reproduce                       # the embedded digits, all ten paper methods, table + plot
 
 Every option can also come from a YAML/JSON file (`--config run.yaml`, keys = option names with '_' or '-';
-cli/config.py); flags given on the command line win over the file, the file wins over the defaults. Method hyperparameters:
-`--set lr=0.01` (unlearn) or `--set salun.lr=0.013` (reproduce), repeatable, or a `set:` mapping in the file.
+cli/config.py); flags given on the command line win over the file, the file wins over the defaults. Method
+hyperparameters: `--set lr=0.01` (unlearn) or `--set salun.lr=0.013` (reproduce), repeatable, or a `set:`
+mapping in the file.
 """
 
 from __future__ import annotations
@@ -487,12 +488,7 @@ def build_experiment_config(args: argparse.Namespace):
         mia_shadow_size=args.mia_shadow_size,
         save_models=bool(args.save_models),
         out_dir=args.out,
-        device=args.device,
-        amp=args.amp,
-        channels_last=bool(args.channels_last),
-        compile=bool(args.compile),
-        progress=bool(args.progress),
-        resume=bool(args.resume),
+        run=_options(args),
     )
 
 

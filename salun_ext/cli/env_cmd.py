@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from salun_ext.cli.config import add_config_flag
+
 
 def register(sub) -> None:
     p = sub.add_parser("env", help="print torch/CUDA versions and the compiled kernels per op and device")
+    add_config_flag(p)
     p.set_defaults(handler=run)
 
 

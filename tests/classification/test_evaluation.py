@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from salun_ext.utils import write_json
 from salun_ext.classification.evaluation import (
     accuracy_from_probs,
     confidence,
@@ -26,6 +25,7 @@ from salun_ext.classification.evaluation import (
     svc_attack,
 )
 from salun_ext.data import ImageDataset
+from salun_ext.utils import write_json
 
 PROBS = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0], [0.1, 0.2, 0.7]])
 LABELS = torch.tensor([0, 1, 2])

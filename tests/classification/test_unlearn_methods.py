@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import salun_ext
-from salun_ext.classification.evaluation import accuracy
 from salun_ext.classification import (
     EXTRA_METHODS,
     METHODS,
@@ -24,12 +23,13 @@ from salun_ext.classification import (
     random_other_labels,
     train_original_model,
 )
+from salun_ext.classification.evaluation import accuracy
 from salun_ext.classification.methods.influence import per_sample_gradients, woodfisher_inverse_product
 from salun_ext.classification.methods.random_label import _SoftThreshold
 from salun_ext.classification.methods.ssd import fisher_importance
 from salun_ext.data import Batches, ImageDataset
-from salun_ext.utils import UsageError
 from salun_ext.models import build_model
+from salun_ext.utils import UsageError
 
 OPTIONS = RunOptions(device="cpu", seed=0, progress=False)
 

@@ -37,14 +37,14 @@ def test_value_and_assignment_parsing():
 def test_flags_win_over_the_config_file_which_wins_over_defaults(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("seeds: [4, 5]\nratios: [0.2]\nmethods: [salun, ga]\nset:\n  salun: {lr: 0.02}\n")
-    args = resolve(parse_args(["reproduce", "--config", str(config), "--ratios", "0.3"]))
+    args = parse_args(["reproduce", "--config", str(config), "--ratios", "0.3"])
     assert args.seeds == [4, 5] and args.ratios == [0.3] and args.methods == ["salun", "ga"]
     assert args.set == {"salun": {"lr": 0.02}} and args.dataset == "digits" and args.split_seed == 2
     assert parse_args(["reproduce"]).ratios == [0.1, 0.5]  # reproduce's own default
     assert parse_args(["mask"]).ratios == [0.5]
     (tmp_path / "bad.json").write_text(json.dumps({"sedes": [1]}))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['sedes'\]"):
-        resolve(parse_args(["reproduce", "--config", str(tmp_path / "bad.json")]))
+        parse_args(["reproduce", "--config", str(tmp_path / "bad.json")])
 
 
 def test_train_mask_unlearn_evaluate(tmp_path, capsys):
@@ -205,6 +205,7 @@ def test_reproduce_sweep_tunes_on_separate_seeds(tmp_path, capsys):
 
 def test_reproduce_class_wise_scenario(tmp_path):
     from salun_ext.classification.experiment import ExperimentConfig, reproduce
+    from salun_ext.train import RunOptions
 
     config = ExperimentConfig(
         methods=["ga"],
@@ -213,8 +214,7 @@ def test_reproduce_class_wise_scenario(tmp_path):
         original={"epochs": 3},
         method_overrides={"retrain": {"epochs": 3}},
         out_dir=str(tmp_path / "cw"),
-        device="cpu",
-        progress=False,
+        run=RunOptions(device="cpu", progress=False),
         verbose=False,
     )
     summary = reproduce(config)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from salun_ext.utils.seeding import derive_seed
 from salun_ext.data import (
     Augment,
     Batches,
@@ -20,6 +19,7 @@ from salun_ext.data import (
     select_forget,
     train_val_split,
 )
+from salun_ext.utils.seeding import derive_seed
 
 # ------------------------------------------------------------------------------------------- fake files
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import socket
 
-from tests import dist_workers
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests import dist_workers
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"

@@ -10,9 +10,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tests.lm_fixtures import FORGET, RETAIN, build_tiny_lm, write_text_sets  # noqa: E402
-
-from salun_ext.train import RunOptions  # noqa: E402
 from salun_ext.lm import (  # noqa: E402
     LMUnlearnConfig,
     LMUnlearnTask,
@@ -27,6 +24,8 @@ from salun_ext.lm import (  # noqa: E402
     verbatim_completion,
 )
 from salun_ext.lm.data import IGNORE_INDEX, relabel  # noqa: E402
+from salun_ext.train import RunOptions  # noqa: E402
+from tests.lm_fixtures import FORGET, RETAIN, build_tiny_lm, write_text_sets  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 from conftest import REQUIRE_NATIVE
-from tests.helpers import DEVICES, id_formatter
 
 import salun_ext
 from salun_ext.ops import _mask_layout, _reference
+from tests.helpers import DEVICES, id_formatter
 
 pytestmark = pytest.mark.skipif(
     not salun_ext.native.loaded and not REQUIRE_NATIVE,

@@ -7,12 +7,12 @@ import zlib
 import pytest
 import torch
 from conftest import REQUIRE_NATIVE
-from tests.helpers import DEVICES, VALUE_KINDS, id_formatter, nasty_list
 
 import salun_ext
 from salun_ext.ops import _reference
 from salun_ext.saliency import find_thresholds
 from salun_ext.saliency.local import DIGIT_WIDTHS
+from tests.helpers import DEVICES, VALUE_KINDS, id_formatter, nasty_list
 
 pytestmark = pytest.mark.skipif(
     not salun_ext.native.loaded and not REQUIRE_NATIVE,

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from tests.helpers import id_formatter
 
 import salun_ext
 from salun_ext.optim import MaskedAdam, MaskedAdamW, MaskedSGD, masked, unmask
+from tests.helpers import id_formatter
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-6, rtol=1e-5),

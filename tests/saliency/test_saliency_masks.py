@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from tests.helpers import DEVICES, VALUE_KINDS, flat_dense, id_formatter, nasty_list, oracle_exact_mask, oracle_keys
 
 import salun_ext
 from salun_ext.saliency import ratio_to_k
+from tests.helpers import DEVICES, VALUE_KINDS, flat_dense, id_formatter, nasty_list, oracle_exact_mask, oracle_keys
 
 SIZES = [300, 1, 0, 4097, 33, 2000]
 RATIOS = [0.0, 0.001, 0.1, 0.5, 0.9, 0.99, 1.0]

@@ -13,11 +13,12 @@ from salun_ext.train.engine import (
     FitResult,
     OptimConfig,
     Task,
+    TrainRecipe,
     build_optimizer,
     build_scheduler,
     to_device,
 )
-from salun_ext.train.options import RunOptions, TrainRecipe, engine_config, fit
+from salun_ext.train.options import RunOptions, engine_config, fit
 from salun_ext.train.registry import Registry
 from salun_ext.train.tasks import CrossEntropyTask, LoaderTask
 from salun_ext.utils.seeding import epoch_generator, seed_everything, stream_seed

@@ -46,8 +46,9 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
-class EngineConfig:
-    """What the loop does. Exactly one of `epochs` / `max_steps` bounds the run (max_steps may cap epochs)."""
+class TrainRecipe:
+    """What a method's training does (each method's defaults): exactly one of `epochs` / `max_steps` bounds it
+    (max_steps may cap epochs)."""
 
     epochs: int | None = None
     max_steps: int | None = None
@@ -57,8 +58,24 @@ class EngineConfig:
     gamma: float = 0.1
     schedule_unit: Literal["epoch", "step"] = "epoch"
     warmup_steps: int = 0
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # the recipe's precision; RunOptions.amp overrides it when set
     grad_clip: float | None = None
+
+    def replace(self, **changes: Any) -> TrainRecipe:
+        """A copy with `changes`; optimizer fields (lr, weight_decay, ...) may be given here too."""
+        optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+        optim = {k: changes.pop(k) for k in list(changes) if k in optim_fields}
+        out = dataclasses.replace(self, **changes)
+        if optim:
+            out.optimizer = dataclasses.replace(out.optimizer, **optim)
+        return out
+
+
+@dataclasses.dataclass
+class EngineConfig(TrainRecipe):
+    """Everything the loop needs: a recipe, and how to run it (train.options.engine_config builds one from a
+    TrainRecipe and RunOptions; direct Engine users fill it themselves)."""
+
     channels_last: bool = False
     compile: bool = False
     seed: int | None = None

@@ -2,19 +2,20 @@
 
     RunOptions    HOW a run executes (device, seed, precision, checkpoints, processes): the same for every
                   domain's `unlearn` / `run`, whatever the method.
-    TrainRecipe   WHAT a method's training does (budget, optimizer, schedule, clipping): each method's defaults.
+    TrainRecipe   WHAT a method's training does (budget, optimizer, schedule, clipping): each method's defaults
+                  (defined in engine.py: EngineConfig extends it with the run fields).
     fit(...)      recipe + options -> an Engine -> the fitted Task; the only place the two meet.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from salun_ext.mask import SaliencyMask
-from salun_ext.train.engine import Engine, EngineConfig, FitResult, OptimConfig
+from salun_ext.train.engine import Engine, EngineConfig, FitResult, TrainRecipe
 from salun_ext.utils.errors import check_choice
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -55,31 +56,6 @@ class RunOptions:
         import torch.distributed as dist
 
         return self.process_group if self.process_group is not None else dist.group.WORLD
-
-
-@dataclasses.dataclass
-class TrainRecipe:
-    """A method's training: exactly one of `epochs` / `max_steps` bounds it (max_steps may cap epochs)."""
-
-    epochs: int | None = None
-    max_steps: int | None = None
-    optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    schedule: Literal["constant", "multistep", "cosine"] = "constant"
-    milestones: tuple[int, ...] = ()  # in schedule units
-    gamma: float = 0.1
-    schedule_unit: Literal["epoch", "step"] = "epoch"
-    warmup_steps: int = 0
-    grad_clip: float | None = None
-    amp: str = "none"  # the recipe's precision; RunOptions.amp overrides it when set
-
-    def replace(self, **changes: Any) -> TrainRecipe:
-        """A copy with `changes`; optimizer fields (lr, weight_decay, ...) may be given here too."""
-        optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
-        optim = {k: changes.pop(k) for k in list(changes) if k in optim_fields}
-        recipe = dataclasses.replace(self, **changes)
-        if optim:
-            recipe.optimizer = dataclasses.replace(recipe.optimizer, **optim)
-        return recipe
 
 
 _RUN_FIELDS = ("device", "seed", "channels_last", "compile", "checkpoint_dir", "checkpoint_every", "resume")

@@ -49,13 +49,17 @@ def _nvcc_available() -> bool:
     return shutil.which("nvcc") is not None
 
 
-def _write_build_info(torch_version: str, with_cuda: bool) -> None:
-    # Read at import time to refuse a library built against another torch (C++ ABI) instead of crashing.
-    (ROOT / "salun_ext" / "_build_info.py").write_text(
+def _write_build_info(package_dirs: list[Path], torch_version: str, with_cuda: bool) -> None:
+    """salun_ext/_build_info.py beside the library it describes: read at import time to refuse a library built
+    against another torch (C++ ABI) instead of crashing."""
+    text = (
         "# Written by setup.py at build time. Do not edit.\n"
         f"TORCH_VERSION = {torch_version!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
     )
+    for folder in package_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "_build_info.py").write_text(text)
 
 
 def extensions_and_cmdclass():
@@ -104,7 +108,10 @@ def extensions_and_cmdclass():
         """Builds the native library, but never fails the install: the package works on reference kernels."""
 
         def run(self):
-            _write_build_info(torch.__version__, with_cuda)
+            # build_py has already copied the package into build_lib, which a wheel packs; an in-place (editable)
+            # build imports the source tree instead
+            folder = ROOT / "salun_ext" if self.inplace else Path(self.build_lib) / "salun_ext"
+            _write_build_info([folder], torch.__version__, with_cuda)
             try:
                 super().run()
             except Exception as exc:

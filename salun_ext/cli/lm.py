@@ -175,7 +175,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
             if mask is None:
                 save_mask(result.mask, mask_path)
             metrics["mask"] = {"ratio": result.mask.ratio, "k": result.mask.k, "seconds": result.mask_seconds}
-        metrics["train"] = {"seconds": result.fit.seconds, "steps": result.fit.steps, "history": result.fit.history}
+        fit = result.fit  # seconds: every segment of a resumed run
+        metrics["train"] = {"seconds": fit.seconds, "steps": fit.steps, "history": fit.history}
+        metrics["train"].update(resumed=fit.resumed, segments_seconds=fit.segments)
         if args.eval != "none":
             metrics["after"] = _evaluate(model, tokenizer, forget, retain, args)
             _print_metrics("after unlearning:", metrics["after"])

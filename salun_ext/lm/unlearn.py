@@ -173,5 +173,9 @@ def unlearn_lm(
         beta=cfg.beta,
         reference_logps=reference,
     )
-    result = fit(model, task, cfg.recipe(), options, mask=mask, desc=f"lm {cfg.method}")
+    # a resume must match the method, its hyperparameters and the texts (a larger step budget may continue it)
+    hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "max_steps")}
+    texts = {"forget": [(e.input_ids, e.prompt_len) for e in forget_ids], "retain": [e.input_ids for e in retain_ids]}
+    fingerprint = {"method": hyper, "data": texts} if options.checkpoint_dir else None
+    result = fit(model, task, cfg.recipe(), options, mask=mask, desc=f"lm {cfg.method}", fingerprint=fingerprint)
     return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

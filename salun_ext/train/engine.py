@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import random
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,10 +23,9 @@ import torch
 
 from salun_ext.mask import SaliencyMask
 from salun_ext.optim import MaskedAdam, MaskedAdamW, MaskedSGD
-from salun_ext.utils import atomic_save, is_main_process, resolve_device, seed_everything
+from salun_ext.train import checkpoint
+from salun_ext.utils import is_main_process, resolve_device, seed_everything
 from salun_ext.utils.errors import UsageError
-
-CHECKPOINT_FORMAT = "salun_ext.engine_checkpoint.v1"
 
 
 @dataclasses.dataclass
@@ -110,10 +108,16 @@ class Task(Protocol):
 
 @dataclasses.dataclass
 class FitResult:
-    seconds: float  # wall-clock time of fit(), for RTE
+    seconds: float  # wall-clock time of the whole training, over every resumed segment (for RTE)
     steps: int
     epochs: int
     history: list[dict]  # per-epoch (or per checkpoint interval) mean loss
+    segments: list[float] = dataclasses.field(default_factory=list)  # seconds of each run that trained it
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the training continued an interrupted run's checkpoint."""
+        return len(self.segments) > 1
 
 
 def build_optimizer(
@@ -183,7 +187,9 @@ class Engine:
         *,
         mask: SaliencyMask | None = None,
         params: list[tuple[str, torch.nn.Parameter]] | None = None,
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
+        """fingerprint: what else determines the result (method, hyperparameters, data), checked on resume."""
         if (config.epochs is None) and (config.max_steps is None):
             raise UsageError("EngineConfig needs epochs or max_steps")
         for key in ("epochs", "max_steps"):
@@ -207,7 +213,13 @@ class Engine:
             mask.check_compatible(named, require_all=False)
         self.mask = mask
         self.optimizer = build_optimizer(named, config.optimizer, mask)
+        self.named_trained = named
         self._trained = [p for _, p in named]
+        self._extra_fingerprint = fingerprint
+        self.fingerprint: dict[str, str] = {}
+        self.segments: list[float] = []  # seconds of the earlier runs of a resumed training
+        self.segment_start = 0.0
+        self.last_checkpoint: tuple[Path, int] | None = None  # (file, step) of the last checkpoint written/read
         self.forward_model = self.model
         if config.distributed == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -241,9 +253,11 @@ class Engine:
         epochs = cfg.epochs if cfg.epochs is not None else math.inf
         total_units = (cfg.epochs or 1) if cfg.schedule_unit == "epoch" else (cfg.max_steps or 0)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_units)
+        if cfg.checkpoint_dir:  # of the weights the run starts from: before a checkpoint replaces them
+            self.fingerprint = checkpoint.run_fingerprint(self, self._extra_fingerprint)
         if cfg.resume:
             self._load_checkpoint(task)
-        start = time.perf_counter()
+        start = self.segment_start = time.perf_counter()
         self.model.train()
         while self.epoch < epochs and not self._done():
             losses = self._run_epoch(task)
@@ -260,7 +274,8 @@ class Engine:
                 self.save_checkpoint(task)
         if cfg.checkpoint_dir:
             self.save_checkpoint(task)
-        return FitResult(time.perf_counter() - start, self.step, self.epoch, list(self.history))
+        segments = [*self.segments, time.perf_counter() - start]
+        return FitResult(sum(segments), self.step, self.epoch, list(self.history), segments)
 
     def _done(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -348,7 +363,8 @@ class Engine:
             raise TypeError(f"{type(task).__name__}.loss must return a scalar tensor")
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(
-                f"{type(task).__name__}: non-finite loss {loss.item()} at step {self.step} (lower the lr?)"
+                f"{type(task).__name__}: non-finite loss {loss.item()} at step {self.step} (lower the lr?); "
+                + self._last_good()
             )
         self.scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
@@ -375,41 +391,37 @@ class Engine:
         return Path(self.config.checkpoint_dir) / "last.pt"
 
     def save_checkpoint(self, task: Task | None = None) -> None:
+        """Write the checkpoint (every rank returns once it is complete). Non-finite weights or buffers are never
+        written: FloatingPointError names them, the step, and the last good checkpoint, which stays as it was."""
         sharded = self.config.distributed == "fsdp"
-        if self.checkpoint_path is None:
+        path = self.checkpoint_path
+        if path is None:
             return
+        bad = checkpoint.first_non_finite(self)
+        if self.world_size > 1:  # one verdict for every rank (FSDP shards differ)
+            from salun_ext.distributed.runtime import sum_over_ranks
+
+            (flags,) = sum_over_ranks([1.0 if bad else 0.0], self.device)
+            bad = bad or ("a parameter or buffer on another rank" if flags > 0 else None)
+        if bad:
+            message = f"non-finite values in {bad} at step {self.step}, not checkpointed; "
+            raise FloatingPointError(message + self._last_good())
         if sharded or is_main_process():
-            self._write_checkpoint(task, sharded)
+            checkpoint.write(self, task, path, sharded)
+        self.last_checkpoint = (path, self.step)
         if self.world_size > 1:  # every rank sees a complete checkpoint once this returns
             import torch.distributed as dist
 
             dist.barrier()
 
-    def _write_checkpoint(self, task: Task | None, sharded: bool) -> None:
-        from salun_ext.distributed.checkpoint import local_optimizer_state, local_state_dict
-
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "world_size": self.world_size,
-            "model": local_state_dict(self.model) if sharded else self.model.state_dict(),
-            "optimizer": local_optimizer_state(self.optimizer) if sharded else self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "history": self.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": list(_flatten_py_rng(random.getstate())),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            "task": task.state_dict() if task is not None and hasattr(task, "state_dict") else None,
-        }
-        atomic_save(state, self.checkpoint_path)
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint of this run was written before"
+        path, step = self.last_checkpoint
+        return f"the last good checkpoint is {path} (step {step}): resume from it with a lower lr"
 
     def _load_checkpoint(self, task: Task) -> None:
-        from salun_ext.distributed.checkpoint import check_world_size, load_local_state_dict, restore_dtensor_state
+        from salun_ext.distributed.checkpoint import check_world_size
 
         path = self.checkpoint_path
         if path is None:
@@ -417,9 +429,7 @@ class Engine:
         check_world_size(path, self.world_size)
         if not path.exists():
             return  # nothing to resume: a fresh start
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"{path}: not a salun_ext engine checkpoint")
+        state = checkpoint.read(path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
             raise UsageError(
@@ -427,27 +437,9 @@ class Engine:
                 f"{self.world_size}: resume with the same number of processes (the data order, and with FSDP the "
                 "parameter shards, depend on it)"
             )
-        try:
-            if self.config.distributed == "fsdp":
-                load_local_state_dict(self.model, state["model"])
-            else:
-                self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise UsageError(f"{path}: checkpoint is for a different architecture: {exc}") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.config.distributed == "fsdp":
-            restore_dtensor_state(self.optimizer)
-        if state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.history = state["step"], state["epoch"], list(state["history"])
-        self.batch_index = state["batch_index"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_unflatten_py_rng(state["rng"]["python"]))
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state["task"] is not None and hasattr(task, "load_state_dict"):
-            task.load_state_dict(state["task"])
+        checkpoint.check_same_run(path, state["fingerprint"], self.fingerprint)
+        checkpoint.restore(self, task, state, path)
+        self.last_checkpoint = (path, self.step)
 
 
 def _check_distributed(config: EngineConfig) -> tuple[int, int]:
@@ -468,13 +460,3 @@ def _check_distributed(config: EngineConfig) -> tuple[int, int]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _flatten_py_rng(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _unflatten_py_rng(flat) -> tuple:
-    version, internal, gauss = flat
-    return (version, tuple(internal), gauss)

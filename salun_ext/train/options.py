@@ -79,7 +79,13 @@ def fit(
     mask: SaliencyMask | None = None,
     params: list[tuple[str, torch.nn.Parameter]] | None = None,
     desc: str = "train",
+    fingerprint: dict[str, Any] | None = None,
     **extra: Any,
 ) -> FitResult:
-    """Train `task` on `model` with `recipe` and `options`: the one way every domain reaches the Engine."""
-    return Engine(model, engine_config(recipe, options, desc=desc, **extra), mask=mask, params=params).fit(task)
+    """Train `task` on `model` with `recipe` and `options`: the one way every domain reaches the Engine.
+
+    fingerprint: what else determines the result (method, hyperparameters, data): a resume from a checkpoint
+    written with other values is refused (see train/checkpoint.py).
+    """
+    config = engine_config(recipe, options, desc=desc, **extra)
+    return Engine(model, config, mask=mask, params=params, fingerprint=fingerprint).fit(task)

@@ -27,6 +27,7 @@ from salun_ext.mask import SaliencyMask
 from salun_ext.train import FitResult, OptimConfig, RunOptions, TrainRecipe, fit
 from salun_ext.train.tasks import CrossEntropyTask, LoaderTask
 from salun_ext.utils import UsageError, resolve_device, seed_everything
+from salun_ext.utils.fingerprint import digest, state_digest
 
 __all__ = [
     "CrossEntropyTask",
@@ -65,6 +66,12 @@ class UnlearnData:
             self.num_classes = self.forget.num_classes
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def digest(self) -> str:
+        """What identifies these sets for a resume: their contents, the batch size and the augmentation."""
+        parts = [("forget images", self.forget.images), ("forget labels", self.forget.labels)]
+        parts += [("retain images", self.retain.images), ("retain labels", self.retain.labels)]
+        return digest([state_digest(parts), self.batch_size, repr(self.augment), self.num_classes])
 
     def to(self, device: torch.device | str) -> UnlearnData:
         return dataclasses.replace(self, forget=self.forget.to(device), retain=self.retain.to(device))
@@ -164,6 +171,8 @@ class UnlearnMethod(abc.ABC):
         self.config = dataclasses.replace(
             config, **{k: _coerce(self.label, k, getattr(config, k), v) for k, v in overrides.items()}
         )
+        self._fits: list[FitResult] = []  # the trainings of the current run() (for the RTE of resumed runs)
+        self._data_digest: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -186,14 +195,20 @@ class UnlearnMethod(abc.ABC):
             mask.check_compatible(model, require_all=False)
             mask = mask.to(device)
         seed_everything(options.seed)
+        self._fits = []
         _sync(device)
         start = time.perf_counter()
+        self._data_digest = data.digest() if options.checkpoint_dir else None
         info = self.unlearn(model, data, options, mask) or {}
         _sync(device)
         seconds = time.perf_counter() - start
+        # a resumed training: the earlier runs' training time counts too (the RTE of the whole unlearning)
+        earlier = sum(sum(fit.segments[:-1]) for fit in self._fits)
+        if earlier > 0:
+            info.update(resumed=True, earlier_runs_seconds=earlier, this_run_seconds=seconds)
         model.eval()
         computed = info.pop("mask", None)  # kept out of info, which reports serialise to JSON
-        return UnlearnResult(model, seconds, info, mask=computed)
+        return UnlearnResult(model, seconds + earlier, info, mask=computed)
 
     @abc.abstractmethod
     def unlearn(
@@ -212,8 +227,22 @@ class UnlearnMethod(abc.ABC):
         optim: OptimConfig | None = None,
         epochs: int | None = None,
     ) -> FitResult:
-        """Run `task` on the shared Engine with this method's TrainConfig."""
-        return fit_task(model, task, self.config, options, desc=self.label, mask=mask, optim=optim, epochs=epochs)
+        """Run `task` on the shared Engine with this method's TrainConfig (a resume must match the method, its
+        hyperparameters and the data)."""
+        fingerprint = {"method": self.name, "config": dataclasses.asdict(self.config), "data": self._data_digest}
+        result = fit_task(
+            model,
+            task,
+            self.config,
+            options,
+            desc=self.label,
+            mask=mask,
+            optim=optim,
+            epochs=epochs,
+            fingerprint=fingerprint,
+        )
+        self._fits.append(result)
+        return result
 
     def loader(self, data: UnlearnData, which: str, options: RunOptions, stream: str, **kw) -> Batches:
         """A seeded loader: `stream` (a name of salun_ext.utils.seeding.STREAMS) separates a method's loaders."""
@@ -244,6 +273,7 @@ def fit_task(
     mask: SaliencyMask | None = None,
     optim: OptimConfig | None = None,
     epochs: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train a Task with a TrainConfig's recipe and the RunOptions on the shared Engine.
 
@@ -252,7 +282,8 @@ def fit_task(
     optim = optim or config.optim()
     if mask is not None and optim.unmasked is None:
         optim = dataclasses.replace(optim, unmasked="freeze")
-    return fit(model, task, config.recipe(epochs=epochs, optim=optim), options, mask=mask, desc=desc)
+    recipe = config.recipe(epochs=epochs, optim=optim)
+    return fit(model, task, recipe, options, mask=mask, desc=desc, fingerprint=fingerprint)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

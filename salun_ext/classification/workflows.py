@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from salun_ext.models import ModelSpec
 from salun_ext.train import RunOptions
 from salun_ext.utils.errors import MissingFileError, UsageError
 
+LOG = logging.getLogger("salun_ext")
+
 
 def load_train_test(
     dataset: str, data_root: str | None = None, *, download: bool = False, train_subset: int | None = None
@@ -50,10 +53,19 @@ def read_forget_indices(path: str) -> list[int]:
     file = Path(path)
     if not file.is_file():
         raise MissingFileError(f"--forget-indices: file not found: {path}")
-    indices = json.loads(file.read_text())
+    try:
+        indices = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--forget-indices {path}: not valid JSON ({exc})") from None
     if not isinstance(indices, list):
         raise UsageError(f"--forget-indices {path}: expected a JSON list of indices, got {type(indices).__name__}")
-    return indices
+    bad = next((v for v in indices if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:  # 0.5 or true would silently become index 0 or 1
+        raise UsageError(f"--forget-indices {path}: expected integer indices, got {bad!r}")
+    unique = list(dict.fromkeys(indices))
+    if len(unique) != len(indices):
+        LOG.warning("--forget-indices %s: %d duplicate index(es) ignored", path, len(indices) - len(unique))
+    return unique
 
 
 def check_spec_fits(spec: ModelSpec, data: ImageDataset) -> None:

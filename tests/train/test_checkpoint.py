@@ -84,7 +84,7 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
 
 def test_corrupt_and_malicious_checkpoints_are_refused_in_one_line(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(UsageError, match="last.pt: not a readable engine checkpoint") as err:
+    with pytest.raises(UsageError, match=r"last\.pt: not a readable engine checkpoint") as err:
         Engine(_model(), _cfg(tmp_path, resume=True)).fit(Regression())
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 

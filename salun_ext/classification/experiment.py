@@ -38,7 +38,7 @@ from salun_ext.data import UnlearningSplit, class_balanced_subset, dataset_key, 
 from salun_ext.data.splits import make_unlearning_split
 from salun_ext.models import ModelSpec, load_classifier, save_classifier
 from salun_ext.train import RunOptions
-from salun_ext.utils import UsageError, resolve_device, write_json
+from salun_ext.utils import OutputFolder, UsageError, resolve_device, write_json
 
 
 @dataclasses.dataclass
@@ -378,8 +378,11 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------- all
     def run_all(self) -> dict[str, Any]:
+        with OutputFolder(self.out, what="--out"):  # checked before any work, held until the tables are written
+            return self._run_all()
+
+    def _run_all(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
         self.log(
             f"reproduce: {self.dataset}, {self.spec.describe()}, methods {', '.join(self.methods)}, "
             f"scenarios {[s.name for s in self.scenarios]}, seeds {self.config.seeds} -> {self.out}"

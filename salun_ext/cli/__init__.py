@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from salun_ext.cli.config import apply_config
-from salun_ext.utils.errors import UsageError
+from salun_ext.utils.errors import Terminated, UsageError
 
 # command-family modules, each with register(subparsers)
 COMMAND_MODULES = [
@@ -75,10 +77,30 @@ def command_name(args: argparse.Namespace | None, argv: Sequence[str] | None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (one line on stderr), 130 Ctrl-C, 143 SIGTERM; an
+    interrupted training says where it stopped and whether its checkpoint lets `--resume` continue it."""
     args = None
+    previous = _terminate_like_ctrl_c()
     try:
         args = parse_args(argv)
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"{command_name(args, argv)}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"{command_name(args, argv)}: {exc or 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_ctrl_c():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so cleanup runs; the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    return signal.signal(signal.SIGTERM, terminate)

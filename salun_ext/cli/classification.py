@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "save_models": False,
 }
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"reproduce": {"ratios": [0.1, 0.5]}}  # the paper's two columns
+UNLEARN_OUTPUTS = ("model.safetensors", "run.json", "mask.safetensors")  # what `unlearn` writes into --out
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -237,6 +238,17 @@ def _augment(args: argparse.Namespace):
     return resolve_augment(args.augment, args.dataset)
 
 
+def _output_folder(folder: Path, ctx=None):
+    """The run's output folder, checked and locked on rank 0 (the rank that writes); other ranks only wait."""
+    import contextlib
+
+    from salun_ext.utils import OutputFolder
+
+    if ctx is not None and not ctx.is_main:
+        return contextlib.nullcontext()
+    return OutputFolder(folder, what="--out")
+
+
 def _timestamp() -> str:
     import datetime
 
@@ -250,8 +262,15 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 # ------------------------------------------------------------------------------------------------ handlers
 def run_train(args: argparse.Namespace) -> int:
     _threads(args)
-    with distributed_session(args) as ctx:
+    with distributed_session(args) as ctx, _output_folder(_train_out(args).parent, ctx):
         return _train(args, ctx)
+
+
+def _train_out(args: argparse.Namespace) -> Path:
+    from salun_ext.data import dataset_key
+
+    model_name = args.model or _preset(args).get("model", "resnet18")
+    return Path(args.out or f"runs/train-{dataset_key(args.dataset)}-{model_name}/model.safetensors")
 
 
 def _train(args: argparse.Namespace, ctx) -> int:
@@ -276,7 +295,7 @@ def _train(args: argparse.Namespace, ctx) -> int:
             **({"lr": args.lr} if args.lr else {}),
         }
     )
-    out = Path(args.out or f"runs/train-{dataset_key(args.dataset)}-{model_name}/model.safetensors")
+    out = _train_out(args)
     data = OriginalData(train_full.subset(train_idx), train_full.subset(val_idx), test)
     model, trained = train_original(
         spec, data, config, _options(args, out.parent / "ckpt", ctx), augment=_augment(args), evaluate=ctx.is_main
@@ -321,7 +340,7 @@ def run_mask(args: argparse.Namespace) -> int:
     from salun_ext.data import Batches
 
     _threads(args)
-    with distributed_session(args) as ctx:
+    with distributed_session(args) as ctx, _output_folder(_mask_folder(args), ctx):
         model, _, split, device = _model_and_split(args, ctx.device)
         forget = split.forget.to(device)
         batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=False)
@@ -336,11 +355,18 @@ def run_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_folder(args: argparse.Namespace) -> Path:
+    from salun_ext.utils import UsageError
+
+    if not args.out and not args.checkpoint:
+        raise UsageError("`mask` needs --checkpoint (a model written by `salun-ext train`)")
+    return Path(args.out or Path(args.checkpoint).parent / "masks")
+
+
 def _write_masks(args: argparse.Namespace, split, masks) -> None:
     from salun_ext.utils import write_json
 
-    out = Path(args.out or Path(args.checkpoint).parent / "masks")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _mask_folder(args)
     for ratio, mask in zip(args.ratios, masks):
         mask.save(out / f"with_{ratio:g}.safetensors")
         print(
@@ -357,8 +383,11 @@ def run_unlearn(args: argparse.Namespace) -> int:
     _threads(args)
     if not args.method:
         raise UsageError("`unlearn` needs --method (e.g. salun)")
+    if not args.out:
+        args.out = f"runs/unlearn-{args.method}-{_timestamp()}"
     with distributed_session(args) as ctx:
-        code = _unlearn(args, ctx)
+        with _output_folder(Path(args.out), ctx):
+            code = _unlearn(args, ctx)
         ctx.barrier()  # the other ranks wait while rank 0 evaluates and writes
     return code
 
@@ -378,7 +407,7 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
     if args.mask:
         mask = SaliencyMask.load(args.mask)
         mask.check_compatible(model, what=f"checkpoint {args.checkpoint}", require_all=False)
-    out = Path(args.out or f"runs/unlearn-{name}-{_timestamp()}")
+    out = Path(args.out)
     data = UnlearnData(
         split.forget,
         split.retain,
@@ -403,13 +432,16 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
     if "metrics" in record:
         _print_metrics(record["metrics"])
     save_classifier(out / "model.safetensors", model, spec, extra={"method": name})
-    written = "model.safetensors, run.json"
+    written = ["model.safetensors", "run.json"]
     if result.mask is not None:  # the mask the method computed (SalUn without --mask)
         result.mask.save(out / "mask.safetensors")
-        written += ", mask.safetensors"
+        written.append("mask.safetensors")
     write_json(record, out / "run.json")
     shutil.rmtree(out / "ckpt", ignore_errors=True)
-    print(f"-> {out}/{written}")
+    stale = [p for p in UNLEARN_OUTPUTS if p not in written and (out / p).is_file()]
+    for name in stale:  # an earlier run's file in a reused folder must not pass for this run's
+        (out / name).unlink()
+    print(f"-> {out}/{', '.join(written)}" + (f" (removed the earlier run's {', '.join(stale)})" if stale else ""))
     return 0
 
 
@@ -417,9 +449,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from salun_ext.classification.evaluation import avg_gap, evaluate_unlearning, gaps
     from salun_ext.models import load_classifier
     from salun_ext.utils import write_json
+    from salun_ext.utils.files import check_output_folder
 
     single_process_only("evaluate")
     _threads(args)
+    if args.out:  # before the work: a folder that cannot take the file fails now, not after the evaluation
+        check_output_folder(Path(args.out).parent, what="--out")
     model, spec, split, device = _model_and_split(args)
     metrics = evaluate_unlearning(
         model, split.forget, split.retain, split.test, mia_shadow_size=args.mia_shadow_size, seed=args.seed

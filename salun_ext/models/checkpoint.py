@@ -120,9 +120,35 @@ def load_classifier(
         raise UsageError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, not a {expect_arch}")
     if expect is not None and spec != expect:
         raise UsageError(f"{os.fspath(path)}: the checkpoint is a {spec.describe()}, expected {expect.describe()}")
+    check_metadata_fits_tensors(path, spec)  # before anything of the metadata's size is allocated
     model = spec.build()
     load_weights(model, path)
     return model, spec, extra
+
+
+def check_metadata_fits_tensors(path: str | os.PathLike, spec: ModelSpec) -> None:
+    """UsageError unless the architecture the metadata names has exactly the file's tensors (names and shapes).
+
+    The metadata is checked against the tensors before any model is built: a small file whose metadata claims
+    a huge architecture is refused without allocating it (the model is built on the meta device, which holds no
+    data).
+    """
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{os.fspath(path)}: the metadata's architecture cannot be built ({exc})") from None
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    if expected != found:
+        wrong = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+        name = wrong[0]
+        raise UsageError(
+            f"{os.fspath(path)}: the metadata says {spec.describe()}, but the file's tensors do not match it "
+            f"({len(wrong)} differ; e.g. {name!r}: metadata {expected.get(name)}, file {found.get(name)})"
+        )
 
 
 def _compare_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:

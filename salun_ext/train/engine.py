@@ -258,6 +258,17 @@ class Engine:
         if cfg.resume:
             self._load_checkpoint(task)
         start = self.segment_start = time.perf_counter()
+        try:
+            self._fit_epochs(task, epochs)
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: say where, and whether --resume can continue
+            raise type(exc)(self._interrupted_at()) from None
+        if cfg.checkpoint_dir:
+            self.save_checkpoint(task)
+        segments = [*self.segments, time.perf_counter() - start]
+        return FitResult(sum(segments), self.step, self.epoch, list(self.history), segments)
+
+    def _fit_epochs(self, task: Task, epochs: float) -> None:
+        cfg = self.config
         self.model.train()
         while self.epoch < epochs and not self._done():
             losses = self._run_epoch(task)
@@ -272,10 +283,13 @@ class Engine:
                 task.on_epoch_end(self, self.epoch)
             if cfg.checkpoint_dir and cfg.epochs is not None and self.epoch % cfg.checkpoint_every == 0:
                 self.save_checkpoint(task)
-        if cfg.checkpoint_dir:
-            self.save_checkpoint(task)
-        segments = [*self.segments, time.perf_counter() - start]
-        return FitResult(sum(segments), self.step, self.epoch, list(self.history), segments)
+
+    def _interrupted_at(self) -> str:
+        where = f"interrupted at epoch {self.epoch + 1} step {self.step}"
+        if self.last_checkpoint is None:
+            return where + " (no checkpoint written yet: a rerun starts over)"
+        path, step = self.last_checkpoint
+        return f"{where}; the checkpoint {path} (step {step}) is intact: resume with --resume"
 
     def _done(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps

@@ -7,12 +7,16 @@
 """
 
 from salun_ext.utils.devices import is_main_process, resolve_device
-from salun_ext.utils.errors import UsageError
-from salun_ext.utils.files import atomic_save, write_json
+from salun_ext.utils.errors import MissingFileError, Terminated, UsageError
+from salun_ext.utils.files import OutputError, OutputFolder, atomic_save, write_json
 from salun_ext.utils.seeding import STREAMS, derive_seed, epoch_generator, seed_everything, stream_seed
 
 __all__ = [
     "STREAMS",
+    "MissingFileError",
+    "OutputError",
+    "OutputFolder",
+    "Terminated",
     "UsageError",
     "atomic_save",
     "derive_seed",

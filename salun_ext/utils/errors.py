@@ -31,3 +31,7 @@ def check_choice(argument: str, value: Any, choices: Iterable[Any]) -> Any:
 
 class MissingFileError(UsageError, FileNotFoundError):
     """A file or folder the user named does not exist (both a UsageError and a FileNotFoundError)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that a run ends the same orderly way (exit 143)."""

@@ -239,11 +239,6 @@ class DiffusionSet:
         )
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The RNG of one epoch's batches: derived from (seed, epoch) so a resumed run replays them exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
-
-
 def cycled_batches(n: int, batch_size: int, count: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """`count` index batches of min(batch_size, n) from a stream of fresh permutations of range(n)."""
     size = min(batch_size, n)

@@ -112,7 +112,7 @@ def class_accuracies(
     classes = list(range(model.num_classes)) if classes is None else [model.class_id(c) for c in classes]
     counts = n_per_class if isinstance(n_per_class, dict) else dict.fromkeys(classes, n_per_class)
     if any(counts.get(c, 0) < 1 for c in classes):
-        raise UsageError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
+        raise UsageError(f"n_per_class: expected >= 1 for every class, got {n_per_class}")
     labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in classes])
     images = model.sample(
         labels,
@@ -237,7 +237,7 @@ class PenultimateFeatures(torch.nn.Module):
         super().__init__()
         linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
-            raise UsageError("the classifier has no Linear layer to take penultimate features from")
+            raise UsageError("classifier: expected a Linear layer to take penultimate features from, got none")
         self.classifier = classifier.eval()
         self.head = linears[-1]
         self.num_features = self.head.in_features
@@ -391,10 +391,10 @@ def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1
     import torchvision
 
     if not hasattr(torchvision.models, arch):
-        raise UsageError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
+        raise UsageError(f"arch: unknown torchvision model {arch!r} (expected e.g. resnet50, vit_b_16)")
     path = Path(weights)
     if not path.is_file():
-        raise MissingFileError(f"classifier weights not found: {path}")
+        raise MissingFileError(f"weights: classifier weights not found: {path}")
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:

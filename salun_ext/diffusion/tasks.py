@@ -56,7 +56,7 @@ class _EpochTask:
 
 def _check_cond_drop(p: float) -> None:
     if not 0.0 <= p < 1.0:
-        raise UsageError(f"cond_drop must be in [0, 1), got {p}")
+        raise UsageError(f"cond_drop: expected a probability in [0, 1), got {p}")
 
 
 # ---------------------------------------------------------------------------------------------------- eps-MSE
@@ -175,12 +175,12 @@ class SalUnTask(_ForgetRetainTask):
         seed: int = 0,
     ) -> None:
         if forget.target_ids is None:
-            raise UsageError("SalUn needs forget.target_ids (c', the misaligned class or prompt of each example)")
+            raise UsageError("forget.target_ids: expected c' (the misaligned class / prompt of each example), got None")
         if torch.equal(forget.target_ids, forget.ids):
-            raise UsageError("SalUn's c' equals c for every forget example: the forget loss would be zero")
+            raise UsageError("forget.target_ids: SalUn's c' equals c for every forget example (a zero forget loss)")
         check_positive(alpha, "alpha", allow_zero=True)
         if alpha > 0 and retain is None:
-            raise UsageError("alpha > 0 needs a retain set (or pass alpha=0)")
+            raise UsageError(f"retain: alpha = {alpha} > 0 needs a retain set (or pass alpha=0), got None")
         eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), retain_reduction)
         super().__init__(
             spec,
@@ -238,7 +238,7 @@ def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch
     esd-full: every Linear/Conv layer.
     """
     if variant not in ESD_VARIANTS:
-        raise UsageError(f"unknown ESD variant {variant!r}; expected one of {ESD_VARIANTS}")
+        raise UsageError(f"variant: unknown ESD variant {variant!r}; expected one of {ESD_VARIANTS}")
     layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     chosen = []
     for mod_name, module in unet.named_modules():
@@ -290,14 +290,14 @@ class ESDTask(_EpochTask):
         from diffusers import DDIMScheduler
 
         if not concept_ids:
-            raise UsageError("ESD needs at least one concept id to erase")
+            raise UsageError(f"concept_ids: expected at least one concept id to erase, got {list(concept_ids)}")
         check_positive(eta, "eta")
         check_guidance(guidance_scale)
         check_steps(sample_steps, spec.num_train_timesteps, "sample_steps")
         if xt_source not in ("sample", "data"):
-            raise UsageError(f"xt_source must be 'sample' or 'data', got {xt_source!r}")
+            raise UsageError(f"xt_source: expected 'sample' or 'data', got {xt_source!r}")
         if xt_source == "data" and data is None:
-            raise UsageError("xt_source='data' needs the forget data")
+            raise UsageError("data: xt_source='data' needs the forget data, got None")
         self.spec, self.concept_ids = spec, torch.tensor(list(concept_ids), dtype=torch.long)
         self.sample_shape = tuple(sample_shape)
         self.eta, self.guidance_scale, self.sample_steps = eta, guidance_scale, sample_steps
@@ -412,9 +412,9 @@ class FMNTask(_EpochTask):
     ) -> None:
         modules = cross_attention_modules(unet)
         if not modules:
-            raise UsageError("FMN needs a UNet with cross-attention (attn2 layers): Stable Diffusion, not a DDPM")
+            raise UsageError("unet: FMN expected a UNet with cross-attention (attn2: Stable Diffusion), got none")
         if not columns:
-            raise UsageError("FMN needs the concept's token columns (none given)")
+            raise UsageError(f"columns: FMN expected the concept's token columns, got {list(columns)}")
         self.spec, self.forget, self.batch_size, self.seed = spec, forget, batch_size, seed
         self.columns = torch.tensor(sorted(set(columns)), dtype=torch.long)
         self.recorded: list[torch.Tensor] = []

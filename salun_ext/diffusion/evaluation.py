@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from salun_ext.data import Augment, ImageDataset
+from salun_ext.diffusion.data import resized_dataset
+from salun_ext.diffusion.ddpm import resize_images
+from salun_ext.models import build_model
 from salun_ext.train.classifier import predict, train_classifier
 from salun_ext.train.engine import OptimConfig
 from salun_ext.train.options import RunOptions, TrainRecipe
@@ -55,9 +58,6 @@ def train_scoring_classifier(
     Through salun_ext.train.classifier.train_classifier: seeded initial weights, the "classifier" stream's batches
     with small random shifts, Adam + cosine; returned in eval mode on options.device.
     """
-    from salun_ext.diffusion.data import resized_dataset
-    from salun_ext.models import build_model
-
     data = resized_dataset(dataset, image_size)
     model = build_model(arch, data.channels, data.num_classes, image_size)
     train_classifier(model, data, scoring_recipe(epochs, lr), options, batch_size=batch_size, augment=SHIFT,
@@ -76,8 +76,6 @@ def scoring_classifier(
     arch: str = "small_cnn",
 ) -> torch.nn.Module:
     """The scoring classifier: read from `load` (a state_dict file), else trained (and written to `save`)."""
-    from salun_ext.models import build_model
-
     if load is not None:
         path = Path(load)
         if not path.is_file():
@@ -180,8 +178,6 @@ def score_generations(
         progress=sampling.progress,
     )
     forgotten = torch.tensor(list(forget), dtype=torch.long)
-    from salun_ext.diffusion.ddpm import resize_images
-
     real_keep = resize_images(real.images, model.image_size)[~torch.isin(real.labels, forgotten)]
     keep = ~torch.isin(labels, forgotten)
     fd, label = frechet_distance(real_keep, images[keep], inception_weights=inception_weights, classifier=classifier)

@@ -257,3 +257,35 @@ def test_mask_subset_keeps_the_bits():
     assert mask.subset(list(mask.names)) is mask
     with pytest.raises(KeyError, match="no tensor named 'zz'"):
         mask.subset(["zz"])
+
+
+def test_tasks_and_mask_batches_draw_from_the_diffusion_stream(setup):
+    """Every diffusion Task's batches, and the mask's, come from utils.epoch_generator(seed, epoch, "diffusion")."""
+    from salun_ext.diffusion.saliency import saliency_batches
+    from salun_ext.diffusion.tasks import EpsTask
+    from salun_ext.utils import epoch_generator
+
+    model, forget, retain = setup
+    task = EpsTask(model.spec, retain, batch_size=len(retain), seed=5)
+    order = torch.randperm(len(retain), generator=epoch_generator(5, 3, "diffusion"))
+    batch = next(iter(task.batches(3)))
+    assert torch.equal(batch["x0"], retain.x0[order].float())
+    other = next(iter(EpsTask(model.spec, retain, batch_size=len(retain), seed=5).batches(4)))
+    assert not torch.equal(batch["x0"], other["x0"])  # another epoch, other batches
+    first = next(saliency_batches(model.spec, forget, batch_size=len(forget), seed=2, device=torch.device("cpu")))
+    order = torch.randperm(len(forget), generator=epoch_generator(2, 0, "diffusion"))
+    assert torch.equal(first["x0"], forget.x0[order].float())
+
+
+def test_model_kind_defaults_treat_none_as_not_given():
+    from salun_ext.diffusion.recipes import default_setting, mask_settings, sample_guidance
+
+    assert mask_settings("ddpm") == mask_settings("ddpm", guidance_scale=None, batch_size=None)
+    assert (mask_settings("ddpm").guidance_scale, mask_settings("ddpm").batch_size) == (3.0, 128)
+    assert (mask_settings("sd").guidance_scale, mask_settings("sd").clip_grad_norm) == (8.5, None)
+    assert mask_settings("ddpm", guidance_scale=0.0).guidance_scale == 0.0  # 0 is a value, not "not given"
+    assert (sample_guidance("sd"), sample_guidance("ddpm", 0.0)) == (7.5, 0.0)
+    settings = (default_setting("ddpm"), default_setting("sd", "nudity"), default_setting("sd"))
+    assert settings == ("ddpm", "sd-nsfw", "sd")
+    with pytest.raises(ValueError, match="kind: expected one of ddpm, sd"):
+        mask_settings("imagen")

@@ -115,19 +115,16 @@ def measure_mask(unet, spec, forget, args, timer, device) -> dict:
 
 def measure_step(unet, spec, forget, retain, mask, args, timer, device, optimizer: str) -> dict:
     """A SalUn step on the Engine: with the mask (MaskedAdam), without (MaskedAdam, mask=None), or fused Adam."""
-    from salun_ext.diffusion.methods import SalUnTask
-    from salun_ext.train.engine import Engine, EngineConfig, OptimConfig
+    from salun_ext.diffusion.tasks import SalUnTask
+    from salun_ext.train import RunOptions, TrainRecipe, engine_config
+    from salun_ext.train.engine import Engine, OptimConfig
 
     task = SalUnTask(
         spec, forget, retain, alpha=0.1, batch_size=args.batch, retain_cond_drop=0.0, retain_reduction="mean"
     )
-    config = EngineConfig(
-        max_steps=10**9,
-        optimizer=OptimConfig("adam", lr=1e-5, weight_decay=0.0),
-        amp=args.amp,
-        device=str(device),
-        progress=False,
-    )
+    recipe = TrainRecipe(max_steps=10**9, optimizer=OptimConfig("adam", lr=1e-5, weight_decay=0.0))
+    config = engine_config(recipe, RunOptions(device=str(device), amp=args.amp, progress=False))
+    # the Engine itself (not train.fit): the benchmark times single train_step calls, not a whole fit
     engine = Engine(unet, config, mask=mask if optimizer == "masked" else None)
     if optimizer == "torch_fused":
         engine.optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5, fused=device.type == "cuda")

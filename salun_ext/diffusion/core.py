@@ -150,7 +150,7 @@ def eps_mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -
         return F.mse_loss(pred, target)
     if reduction == "sum":
         return (pred - target).pow(2).flatten(1).sum(1).mean()
-    raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    raise UsageError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
 
 
 @torch.no_grad()
@@ -210,9 +210,10 @@ class DiffusionSet:
         if self.ids.shape != (self.x0.shape[0],):
             raise UsageError(f"DiffusionSet: {self.x0.shape[0]} examples but ids of shape {tuple(self.ids.shape)}")
         if self.target_ids is not None and self.target_ids.shape != self.ids.shape:
-            raise UsageError("DiffusionSet.target_ids must have the shape of ids")
+            raise UsageError(f"DiffusionSet.target_ids: expected the shape of ids {tuple(self.ids.shape)}, got "
+                             f"{tuple(self.target_ids.shape)}")  # fmt: skip
         if len(self) == 0:
-            raise UsageError("DiffusionSet is empty")
+            raise UsageError("DiffusionSet: expected at least one example, got none (the set is empty)")
 
     def __len__(self) -> int:
         return self.ids.numel()
@@ -237,11 +238,6 @@ class DiffusionSet:
             None if self.target_ids is None else self.target_ids[keep],
             self.latent_scale,
         )
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The RNG of one epoch's batches: derived from (seed, epoch) so a resumed run replays them exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
 
 
 def cycled_batches(n: int, batch_size: int, count: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

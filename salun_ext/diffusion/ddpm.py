@@ -2,7 +2,7 @@
 guidance, a DDPM training schedule, DDIM or DDPM sampling, and `save_pretrained` / `from_pretrained` folders.
 
     model = ClassConditionalDDPM.from_config(DDPMConfig(), classes=dataset.classes)
-    train_ddpm(model, dataset_to_set(model, dataset), EngineConfig(epochs=40, optimizer=OptimConfig("adam", lr=1e-3)))
+    train_ddpm(model, dataset_to_set(model, dataset), ddpm_training_recipe(40), RunOptions())   # workflows, recipes
     images = model.sample([3] * 16, guidance_scale=3.0, num_inference_steps=50, seed=0)   # floats in [0, 1]
     model.save_pretrained("ddpm-digits")
 
@@ -112,7 +112,7 @@ class ClassConditionalDDPM:
 
         if isinstance(config, str):
             if config not in PRESETS:
-                raise UsageError(f"unknown DDPM preset {config!r}; available: {sorted(PRESETS)}")
+                raise UsageError(f"config: unknown DDPM preset {config!r}; expected one of {sorted(PRESETS)}")
             config = PRESETS[config]
         if seed is not None:
             torch.manual_seed(seed)
@@ -166,7 +166,7 @@ class ClassConditionalDDPM:
                 return self.classes.index(cls)
             if cls.isdigit() and 0 <= int(cls) < self.num_classes:
                 return int(cls)
-        raise UsageError(f"unknown class {cls!r}; this model's classes are {self.classes}")
+        raise UsageError(f"class: unknown class {cls!r}; expected one of this model's classes {self.classes}")
 
     # ------------------------------------------------------------------ sampling
     def sampling_scheduler(self, sampler: str = "ddim"):
@@ -176,7 +176,7 @@ class ClassConditionalDDPM:
             return DDIMScheduler.from_config(self.scheduler.config)  # eta = 0: deterministic given the noise
         if sampler == "ddpm":
             return DDPMScheduler.from_config(self.scheduler.config)
-        raise UsageError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        raise UsageError(f"sampler: expected 'ddim' or 'ddpm', got {sampler!r}")
 
     @torch.no_grad()
     def sample(
@@ -284,7 +284,8 @@ def dataset_to_set(model: ClassConditionalDDPM, dataset, classes: Sequence[int] 
 def next_other_class(labels: torch.Tensor, forget_classes: Sequence[int], num_classes: int) -> torch.Tensor:
     """c' of SalUn's forget loss as the paper's code: (c + 1) % C, skipping other forgotten classes."""
     if len(set(forget_classes)) >= num_classes:
-        raise UsageError("every class is forgotten: SalUn needs at least one remaining class as c'")
+        raise UsageError(f"forget_classes: every class is forgotten ({sorted(set(forget_classes))}); SalUn needs at "
+                         "least one remaining class as c'")  # fmt: skip
     out = (labels + 1) % num_classes
     forgotten = torch.tensor(list(forget_classes), dtype=torch.long)
     while bool(torch.isin(out, forgotten).any()):
@@ -299,7 +300,8 @@ def random_other_class(
     """c' drawn uniformly from the remaining classes, per example (the paper's text: any c' != c)."""
     remaining = torch.tensor([c for c in range(num_classes) if c not in set(forget_classes)], dtype=torch.long)
     if remaining.numel() == 0:
-        raise UsageError("every class is forgotten: SalUn needs at least one remaining class as c'")
+        raise UsageError(f"forget_classes: every class is forgotten ({sorted(set(forget_classes))}); SalUn needs at "
+                         "least one remaining class as c'")  # fmt: skip
     return remaining[torch.randint(0, remaining.numel(), labels.shape, generator=generator)]
 
 
@@ -314,18 +316,18 @@ def forget_retain_sets(
     """Class-wise forgetting data: the forget classes' images (with c' as target_ids) and every other image."""
     ids = sorted({model.class_id(c) for c in forget_classes})
     if not ids:
-        raise UsageError("forget_classes is empty")
+        raise UsageError(f"forget_classes: expected at least one class, got {list(forget_classes)}")
     full = dataset_to_set(model, dataset)
     is_forget = torch.isin(full.ids, torch.tensor(ids))
     if bool(is_forget.all()):
-        raise UsageError("nothing is left to retain: every class is forgotten")
+        raise UsageError(f"forget_classes: nothing is left to retain: every class is forgotten, got {ids}")
     if not bool(is_forget.any()):
-        raise UsageError(f"the dataset has no example of the forget class(es) {[model.classes[i] for i in ids]}")
+        raise UsageError(f"forget_classes: the dataset has no example of {[model.classes[i] for i in ids]}")
     forget, retain = full.subset(is_forget), full.subset(~is_forget)
     if target == "next":
         forget.target_ids = next_other_class(forget.ids, ids, model.num_classes)
     elif target == "random":
         forget.target_ids = random_other_class(forget.ids, ids, model.num_classes, torch.Generator().manual_seed(seed))
     else:
-        raise UsageError(f"target must be 'next' or 'random', got {target!r}")
+        raise UsageError(f"target: expected 'next' or 'random', got {target!r}")
     return forget, retain

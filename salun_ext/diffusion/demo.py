@@ -3,16 +3,16 @@
     salun-ext diffusion demo --out docs/results/diffusion-digits
 
 1. train the scoring classifier (small CNN) and a small class-conditional DDPM on digits (or Fashion-MNIST),
-2. generate n images per class with guidance and classify them (the original model's accuracies),
-3. compute the SalUn mask (forget-class guided loss, top 50% of the UNet) and unlearn the class,
-4. generate again from the same noise: UA on the forgotten class, the other classes' accuracy, FD, a grid.
+2. compute the SalUn mask (forget-class guided loss, top 50% of the UNet) and unlearn the class,
+3. generate n images per class with guidance from the original and the unlearned model (the same noise) and
+   classify them: UA on the forgotten class, the other classes' accuracy, FD, a before/after grid
+   (evaluation.evaluate_class_forgetting, the same evaluation as `salun-ext diffusion evaluate`).
 Writes results.json, results.md and before_after.png to the output folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from salun_ext.utils import write_json
 
 
 @dataclasses.dataclass
@@ -59,147 +61,125 @@ def _log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
+class _Clock:
+    """Wall and CPU seconds of each phase (CPU seconds of this process: comparable across loaded / idle machines)."""
+
+    def __init__(self) -> None:
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t, self._cpu = self.start, self.start_cpu
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = round(now - self._t, 1), round(cpu - self._cpu, 1)
+        self._t, self._cpu = now, cpu
+        _log(f"{name}: {self.wall[name]} s wall, {self.cpu[name]} s CPU")
+
+
+def _load_data(cfg: DemoConfig):
     from salun_ext.data import load_dataset
-    from salun_ext.diffusion.ddpm import (
-        PRESETS,
-        ClassConditionalDDPM,
-        dataset_to_set,
-        forget_retain_sets,
-        resize_images,
-    )
-    from salun_ext.diffusion.evaluation import (
-        before_after_grid,
-        class_accuracies,
-        class_wise_report,
-        first_per_class,
-        frechet_distance,
-        predict,
-        train_classifier,
-    )
-    from salun_ext.diffusion.methods import EpsTask, SalUnTask, recipe, run_task
+
+    train = load_dataset(cfg.dataset, train=True)
+    if cfg.subset is not None:
+        train = train.subset(torch.arange(min(cfg.subset, len(train))))
+    return train, load_dataset(cfg.dataset, train=False)
+
+
+def _classifier(cfg: DemoConfig, options, train, test, out: Path):
+    """1a. the scoring classifier (trained on real images at the DDPM's resolution), reused when found."""
+    from salun_ext.diffusion.data import resized_dataset
+    from salun_ext.diffusion.evaluation import scoring_classifier
+    from salun_ext.train.classifier import predict
+
+    path = out / "classifier.pt"
+    reuse = cfg.reuse and path.exists()
+    clf = scoring_classifier(train, cfg.image_size, options, load=path if reuse else None,
+                             save=None if reuse else path, epochs=cfg.classifier_epochs)  # fmt: skip
+    real_test = resized_dataset(test, cfg.image_size)
+    test_acc = 100.0 * float((predict(clf, real_test.float_images()) == test.labels).float().mean())
+    _log(f"classifier accuracy on real test images: {test_acc:.2f}%")
+    return clf, test_acc
+
+
+def _original(cfg: DemoConfig, options, train, orig_dir: Path):
+    """1b. the original DDPM, reused when found."""
+    from salun_ext.diffusion.ddpm import PRESETS, ClassConditionalDDPM, dataset_to_set
+    from salun_ext.diffusion.recipes import ddpm_training_recipe
+    from salun_ext.diffusion.workflows import train_ddpm
+
+    if cfg.reuse and (orig_dir / "salun_ddpm.json").exists():
+        _log(f"reusing the original model in {orig_dir}")
+        return ClassConditionalDDPM.from_pretrained(orig_dir, options.device)
+    preset = dataclasses.replace(PRESETS[cfg.preset], image_size=cfg.image_size, channels=train.channels)
+    model = ClassConditionalDDPM.from_config(preset, train.classes, dataset=cfg.dataset, seed=cfg.seed)
+    recipe = ddpm_training_recipe(cfg.train_epochs, cfg.train_lr, warmup_steps=1)
+    train_ddpm(model, dataset_to_set(model, train), recipe, options, batch_size=cfg.train_batch_size)
+    model.save_pretrained(orig_dir)
+    return model
+
+
+def _unlearn(cfg: DemoConfig, options, model, train, forget_id: int, clock: _Clock):
+    """3. SalUn: the mask (forget-class guided loss, top mask_ratio of the UNet), then masked unlearning."""
+    from salun_ext.diffusion.ddpm import forget_retain_sets
+    from salun_ext.diffusion.methods import unlearn
     from salun_ext.diffusion.saliency import diffusion_saliency
-    from salun_ext.train.engine import EngineConfig, OptimConfig
+
+    forget, retain = forget_retain_sets(model, train, [forget_id])
+    mask = diffusion_saliency(
+        model.unet, model.spec, forget, ratio=cfg.mask_ratio, guidance_scale=cfg.guidance_scale, progress=False
+    )
+    clock.lap("mask")
+    alpha = cfg.alpha if cfg.alpha is not None else paper_alpha(model.channels, model.image_size)
+    task = dict(alpha=alpha, batch_size=cfg.unlearn_batch_size)
+    fit = unlearn("salun", "ddpm", model.unet, model.spec, forget, retain, options=options, mask=mask, lr=cfg.lr,
+                  max_steps=cfg.unlearn_steps, task_overrides=task)  # fmt: skip
+    clock.lap("unlearn")
+    return mask, fit, alpha
+
+
+def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
+    """The phases of the module docstring; writes results.json, results.md, before_after.png into `out`."""
+    from salun_ext.diffusion.ddpm import ClassConditionalDDPM
+    from salun_ext.diffusion.evaluation import Sampling, evaluate_class_forgetting
+    from salun_ext.train import RunOptions
     from salun_ext.utils import resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    timings: dict[str, float] = {}
-    cpu_timings: dict[str, float] = {}  # CPU seconds of this process: comparable across loaded / idle machines
-    last_cpu = [start_cpu]
-
-    def lap(name: str, since: float) -> float:
-        timings[name] = round(time.perf_counter() - since, 1)
-        cpu_timings[name] = round(time.process_time() - last_cpu[0], 1)
-        last_cpu[0] = time.process_time()
-        _log(f"{name}: {timings[name]} s wall, {cpu_timings[name]} s CPU")
-        return time.perf_counter()
-
-    train = load_dataset(cfg.dataset, train=True)
-    if cfg.subset is not None:
-        train = train.subset(torch.arange(min(cfg.subset, len(train))))
-    test = load_dataset(cfg.dataset, train=False)
-    t = time.perf_counter()
-
-    # 1a. scoring classifier (trained on real images at the DDPM's resolution)
-    clf_path = out / "classifier.pt"
-    clf = train_classifier(
-        resize_images(train.images, cfg.image_size),
-        train.labels,
-        train.num_classes,
-        epochs=0 if (cfg.reuse and clf_path.exists()) else cfg.classifier_epochs,
-        seed=cfg.seed,
-        device=str(device),
-    )
-    if cfg.reuse and clf_path.exists():
-        clf.load_state_dict(torch.load(clf_path, map_location=device, weights_only=True))
-    else:
-        torch.save(clf.state_dict(), clf_path)
-    real_test = resize_images(test.images, cfg.image_size)
-    test_acc = 100.0 * float((predict(clf, real_test) == test.labels).float().mean())
-    t = lap("classifier", t)
-    _log(f"classifier accuracy on real test images: {test_acc:.2f}%")
-
-    # 1b. original DDPM
-    preset = dataclasses.replace(PRESETS[cfg.preset], image_size=cfg.image_size, channels=train.channels)
-    orig_dir = out / "original"
-    if cfg.reuse and (orig_dir / "salun_ddpm.json").exists():
-        model = ClassConditionalDDPM.from_pretrained(orig_dir, device)
-        _log(f"reusing the original model in {orig_dir}")
-    else:
-        model = ClassConditionalDDPM.from_config(preset, train.classes, dataset=cfg.dataset, seed=cfg.seed)
-        config = EngineConfig(
-            epochs=cfg.train_epochs,
-            optimizer=OptimConfig("adam", lr=cfg.train_lr, weight_decay=0.0),
-            schedule="cosine",
-            warmup_steps=1,
-            grad_clip=1.0,
-            seed=cfg.seed,
-            device=str(device),
-            progress=cfg.progress,
-            desc="ddpm",
-        )
-        task = EpsTask(model.spec, dataset_to_set(model, train), batch_size=cfg.train_batch_size, seed=cfg.seed)
-        run_task(model.unet, task, config)
-        model.save_pretrained(orig_dir)
-    t = lap("train_ddpm", t)
-
+    options = RunOptions(device=str(device), seed=cfg.seed, progress=cfg.progress)
+    clock = _Clock()
+    train, test = _load_data(cfg)
+    clf, test_acc = _classifier(cfg, options, train, test, out)
+    clock.lap("classifier")
+    model = _original(cfg, options, train, out / "original")
+    clock.lap("train_ddpm")
     forget_id = model.class_id(cfg.forget_class)
-    counts = {c: (cfg.n_forget if c == forget_id else cfg.n_per_class) for c in range(model.num_classes)}
-    sample_kw = dict(
-        n_per_class=counts,
-        guidance_scale=cfg.guidance_scale,
-        num_inference_steps=cfg.sample_steps,
-        seed=cfg.seed + 1,
-        progress=cfg.progress,
-    )
-    acc_before, images_before, labels = class_accuracies(model, clf, **sample_kw)
-    before = class_wise_report(acc_before, [forget_id])
-    t = lap("evaluate_original", t)
-    _log(f"original: per-class accuracy {acc_before}")
-
-    # 3. SalUn: mask + masked unlearning
-    forget, retain = forget_retain_sets(model, train, [forget_id])
-    mask = diffusion_saliency(
-        model.unet, model.spec, forget, ratio=cfg.mask_ratio, guidance_scale=cfg.guidance_scale, progress=False
-    )
-    t = lap("mask", t)
-    r = recipe("ddpm", "salun")
-    r.engine.max_steps = cfg.unlearn_steps
-    r.engine.optimizer.lr = cfg.lr
-    r.engine.seed, r.engine.device, r.engine.progress, r.engine.desc = cfg.seed, str(device), cfg.progress, "salun"
-    alpha = cfg.alpha if cfg.alpha is not None else paper_alpha(model.channels, model.image_size)
-    r.task.update(alpha=alpha, batch_size=cfg.unlearn_batch_size, seed=cfg.seed)
-    fit = run_task(model.unet, SalUnTask(model.spec, forget, retain, **r.task), r.engine, mask=mask)
+    mask, fit, alpha = _unlearn(cfg, options, model, train, forget_id, clock)
     model.save_pretrained(out / "unlearned")
-    t = lap("unlearn", t)
+    # 2 + 4. the original and the unlearned model generate from the same noise; UA, other classes, FD, grid
+    sampling = Sampling(n_per_class=cfg.n_per_class, n_forget=cfg.n_forget, guidance_scale=cfg.guidance_scale,
+                        num_inference_steps=cfg.sample_steps, seed=cfg.seed + 1, progress=cfg.progress)  # fmt: skip
+    original = ClassConditionalDDPM.from_pretrained(out / "original", device)
+    titles = ("original DDPM", f"after SalUn (forget class {model.classes[forget_id]})")
+    evaluated = evaluate_class_forgetting(model, clf, test, [forget_id], sampling, reference=original, out=out,
+                                          titles=titles)  # fmt: skip
+    clock.lap("evaluate")
+    before = evaluated.pop("reference")
+    results = _results(cfg, device, clock, test_acc, model.classes[forget_id], alpha, mask, fit, before, evaluated)
+    write_json(results, out / "results.json")
+    (out / "results.md").write_text(render_markdown(results, model.classes), encoding="utf-8")
+    _log(f"done in {results['total_s']} s: UA {evaluated['UA']:.1f}%, retain accuracy "
+         f"{before['retain_accuracy']:.2f}% -> {evaluated['retain_accuracy']:.2f}%")  # fmt: skip
+    return results
 
-    acc_after, images_after, _ = class_accuracies(model, clf, **sample_kw)
-    after = class_wise_report(acc_after, [forget_id])
-    t = lap("evaluate_unlearned", t)
 
-    # Fréchet distance of the retained classes' generated images to the real test images of those classes
-    keep = labels != forget_id
-    real_keep = real_test[test.labels != forget_id]
-    fd_before, fd_label = frechet_distance(real_keep, images_before[keep], classifier=clf)
-    fd_after, _ = frechet_distance(real_keep, images_after[keep], classifier=clf)
-    t = lap("frechet", t)
-
-    show = min(10, cfg.n_per_class, cfg.n_forget)
-    pick = first_per_class(labels, range(model.num_classes), show)
-    before_after_grid(
-        images_before[pick],
-        images_after[pick],
-        out / "before_after.png",
-        nrow=show,
-        row_labels=model.classes,
-        titles=("original DDPM", f"after SalUn (forget class {model.classes[forget_id]})"),
-        highlight_rows=[forget_id],
-    )
-    total = round(time.perf_counter() - start, 1)
-    results = {
+def _results(cfg, device, clock: _Clock, test_acc, forget_class, alpha, mask, fit, before, after) -> dict:
+    drop = before["retain_accuracy"] - after["retain_accuracy"]
+    label = after.pop("frechet_label")
+    before.pop("frechet_label", None)
+    return {
         "config": dataclasses.asdict(cfg),
         "machine": {
             "platform": platform.platform(),
@@ -210,31 +190,21 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
         },
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "classifier_test_accuracy": test_acc,
-        "forget_class": model.classes[forget_id],
+        "forget_class": forget_class,
         "alpha": alpha,
         "mask": {"ratio": mask.ratio, "salient": mask.count(), "numel": mask.numel},
         "unlearn_history": fit.history,
-        "before": {"per_class_accuracy": acc_before, **before, "frechet": fd_before},
-        "after": {"per_class_accuracy": acc_after, **after, "frechet": fd_after},
-        "frechet_label": fd_label,
-        "retain_accuracy_drop": before["retain_accuracy"] - after["retain_accuracy"],
-        "targets_met": {
-            "UA>=99": after["UA"] >= 99.0,
-            "retain_within_2_points": before["retain_accuracy"] - after["retain_accuracy"] <= 2.0,
-        },
-        "timings_s": timings,
-        "cpu_timings_s": cpu_timings,
-        "total_s": total,
-        "total_cpu_s": round(time.process_time() - start_cpu, 1),
+        "before": before,
+        "after": after,
+        "frechet_label": label,
+        "retain_accuracy_drop": drop,
+        "targets_met": {"UA>=99": after["UA"] >= 99.0, "retain_within_2_points": drop <= 2.0},
+        "timings_s": clock.wall,
+        "cpu_timings_s": clock.cpu,
+        "total_s": round(time.perf_counter() - clock.start, 1),
+        "total_cpu_s": round(time.process_time() - clock.start_cpu, 1),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    (out / "results.md").write_text(render_markdown(results, model.classes), encoding="utf-8")
-    _log(
-        f"done in {total} s: UA {after['UA']:.1f}%, retain accuracy {before['retain_accuracy']:.2f}% -> "
-        f"{after['retain_accuracy']:.2f}%"
-    )
-    return results
 
 
 def render_markdown(r: dict, classes: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Evaluation of generation unlearning: a classifier's verdict on generated images (UA), Fréchet distances, grids.
 
-- `train_classifier`: the scoring classifier for DDPM datasets (the suite's small CNN, trained on the Engine with a
-  minimal cross-entropy Task; to be unified with the classification suite's training after the merge).
+- `scoring_classifier` / `train_scoring_classifier`: the scoring classifier for DDPM datasets (the suite's small
+  CNN, trained by salun_ext.train.classifier.train_classifier at the DDPM's resolution).
 - `class_accuracies` / `class_wise_report`: generate n images per class with guidance, classify them; UA = the share
   of forgotten-class images NOT classified as that class (the paper: 500 samples, guidance w = 2 -> s = 3).
 - `frechet_distance`: FID through torchmetrics when Inception weights exist locally (and torch-fidelity is
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -19,78 +20,73 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from salun_ext.train.engine import Engine, EngineConfig, OptimConfig
+from salun_ext.data import Augment, ImageDataset
+from salun_ext.diffusion.data import resized_dataset
+from salun_ext.diffusion.ddpm import resize_images
+from salun_ext.models import build_model
+from salun_ext.train.classifier import predict, train_classifier
+from salun_ext.train.engine import OptimConfig
+from salun_ext.train.options import RunOptions, TrainRecipe
+from salun_ext.utils import atomic_save, resolve_device
 from salun_ext.utils.errors import MissingFileError, UsageError
 
 PathLike = str | os.PathLike
 
 # ---------------------------------------------------------------------------------------------------- classifier
 
-
-class _CrossEntropyTask:
-    """Minimal supervised task: CE on [0, 1] images with +-1 px random shifts (robust to generated images).
-
-    Deliberately small: the classification suite's own training Task replaces it after the merge.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
-
-    def num_batches(self, epoch: int) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def batches(self, epoch: int):
-        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        for index in torch.randperm(len(self.labels), generator=gen).split(self.batch_size):
-            x = self.images[index]
-            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            yield torch.roll(x, shifts=(dy, dx), dims=(2, 3)), self.labels[index]
-
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
+CLASSIFIER_STREAM = "classifier"  # the scoring classifier's batches (salun_ext.utils.seeding.STREAMS)
+SHIFT = Augment(pad=1, flip=False)  # +-1 px random shifts: robust to generated images, digits keep their sense
 
 
-def train_classifier(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
+def scoring_recipe(epochs: int = 30, lr: float = 1e-3) -> TrainRecipe:
+    """The scoring classifier's training: Adam (no weight decay), cosine schedule."""
+    return TrainRecipe(epochs=epochs, optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0), schedule="cosine")
+
+
+def train_scoring_classifier(
+    dataset: ImageDataset,
+    image_size: int,
+    options: RunOptions,
     *,
-    arch: str = "small_cnn",
     epochs: int = 30,
     lr: float = 1e-3,
     batch_size: int = 128,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = False,
+    arch: str = "small_cnn",
 ) -> torch.nn.Module:
-    """A classifier of the suite (salun_ext.models) trained on float [0, 1] images N x C x H x W; returned in eval."""
-    from salun_ext.models import build_model
+    """A classifier of the suite (salun_ext.models) trained on `dataset` (uint8) at the DDPM's resolution.
 
-    torch.manual_seed(seed)
-    model = build_model(arch, images.shape[1], num_classes, images.shape[-1])
-    config = EngineConfig(
-        epochs=epochs,
-        optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0),
-        schedule="cosine",
-        seed=seed,
-        device=device,
-        progress=progress,
-        desc="classifier",
-    )
-    Engine(model, config).fit(_CrossEntropyTask(images, labels, batch_size, seed))
-    return model.eval()
+    Through salun_ext.train.classifier.train_classifier: seeded initial weights, the "classifier" stream's batches
+    with small random shifts, Adam + cosine; returned in eval mode on options.device.
+    """
+    data = resized_dataset(dataset, image_size)
+    model = build_model(arch, data.channels, data.num_classes, image_size)
+    train_classifier(model, data, scoring_recipe(epochs, lr), options, batch_size=batch_size, augment=SHIFT,
+                     stream=CLASSIFIER_STREAM, desc="classifier")  # fmt: skip
+    return model
 
 
-@torch.no_grad()
-def predict(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels (CPU int64) of float [0, 1] images."""
-    device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
-    out = [classifier(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)]
-    classifier.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+def scoring_classifier(
+    dataset: ImageDataset,
+    image_size: int,
+    options: RunOptions,
+    *,
+    load: PathLike | None = None,
+    save: PathLike | None = None,
+    epochs: int = 30,
+    arch: str = "small_cnn",
+) -> torch.nn.Module:
+    """The scoring classifier: read from `load` (a state_dict file), else trained (and written to `save`)."""
+    if load is not None:
+        path = Path(load)
+        if not path.is_file():
+            raise MissingFileError(f"classifier: expected a state_dict file, got {str(path)!r} (not found)")
+        clf = build_model(arch, dataset.channels, dataset.num_classes, image_size)
+        clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return clf.to(resolve_device(options.device)).eval()
+    clf = train_scoring_classifier(dataset, image_size, options, epochs=epochs, arch=arch)
+    if save is not None:
+        atomic_save(clf.state_dict(), save)
+    return clf
 
 
 def class_accuracies(
@@ -114,7 +110,7 @@ def class_accuracies(
     classes = list(range(model.num_classes)) if classes is None else [model.class_id(c) for c in classes]
     counts = n_per_class if isinstance(n_per_class, dict) else dict.fromkeys(classes, n_per_class)
     if any(counts.get(c, 0) < 1 for c in classes):
-        raise UsageError(f"n_per_class must be >= 1 for every class, got {n_per_class}")
+        raise UsageError(f"n_per_class: expected >= 1 for every class, got {n_per_class}")
     labels = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in classes])
     images = model.sample(
         labels,
@@ -142,6 +138,91 @@ def class_wise_report(accuracy: dict[int, float], forget_classes: Sequence[int])
     return report
 
 
+@dataclasses.dataclass
+class Sampling:
+    """How a class-forgetting evaluation generates: n images per class (n_forget for the forgotten classes)."""
+
+    n_per_class: int = 100
+    n_forget: int | None = None  # None: n_per_class (UA >= 99% needs >= 100 to mean anything)
+    guidance_scale: float = 3.0  # the paper's w = 2.0
+    num_inference_steps: int = 50
+    seed: int = 0  # the same seed gives every model the same starting noise: paired before / after numbers
+    progress: bool = False
+
+    def counts(self, num_classes: int, forget: Sequence[int]) -> dict[int, int]:
+        n_forget = self.n_per_class if self.n_forget is None else self.n_forget
+        return {c: n_forget if c in set(forget) else self.n_per_class for c in range(num_classes)}
+
+    def grid_columns(self) -> int:
+        return min(10, self.n_per_class, self.n_per_class if self.n_forget is None else self.n_forget)
+
+
+def score_generations(
+    model,
+    classifier: torch.nn.Module,
+    real: ImageDataset,
+    forget: Sequence[int],
+    sampling: Sampling,
+    *,
+    inception_weights: PathLike | None = None,
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(report, images, labels) of one class-conditional model: per-class accuracy, UA / retain accuracy, and the
+    Fréchet distance of the other classes' generated images to `real` (test) images of those classes."""
+    acc, images, labels = class_accuracies(
+        model,
+        classifier,
+        n_per_class=sampling.counts(model.num_classes, forget),
+        guidance_scale=sampling.guidance_scale,
+        num_inference_steps=sampling.num_inference_steps,
+        seed=sampling.seed,
+        progress=sampling.progress,
+    )
+    forgotten = torch.tensor(list(forget), dtype=torch.long)
+    real_keep = resize_images(real.images, model.image_size)[~torch.isin(real.labels, forgotten)]
+    keep = ~torch.isin(labels, forgotten)
+    fd, label = frechet_distance(real_keep, images[keep], inception_weights=inception_weights, classifier=classifier)
+    report = {"per_class_accuracy": acc, **class_wise_report(acc, forget), "frechet": fd, "frechet_label": label}
+    return report, images, labels
+
+
+def evaluate_class_forgetting(
+    model,
+    classifier: torch.nn.Module,
+    real: ImageDataset,
+    forget_classes: Sequence[int | str],
+    sampling: Sampling,
+    *,
+    reference=None,
+    out: PathLike | None = None,
+    titles: tuple[str, str] = ("reference", "evaluated"),
+    inception_weights: PathLike | None = None,
+) -> dict:
+    """The one DDPM class-forgetting evaluation (`salun-ext diffusion evaluate` and the demo).
+
+    Generates from `model` (and, when given, from `reference`, the model before unlearning, from the same noise),
+    classifies the images, and measures UA, the other classes' accuracy and their Fréchet distance to `real`.
+    With `out`: a before/after grid (before_after.png) with a reference, else samples.png. Returns the evaluated
+    model's report, with the reference's under "reference".
+    """
+    forget = [model.class_id(c) for c in forget_classes]
+    result, images, labels = score_generations(
+        model, classifier, real, forget, sampling, inception_weights=inception_weights
+    )
+    show = sampling.grid_columns()
+    pick = first_per_class(labels, range(model.num_classes), show)
+    if reference is not None:
+        ref, ref_images, _ = score_generations(
+            reference, classifier, real, forget, sampling, inception_weights=inception_weights
+        )
+        result["reference"] = ref
+        if out is not None:
+            before_after_grid(ref_images[pick], images[pick], Path(out) / "before_after.png", nrow=show,
+                              row_labels=model.classes, titles=titles, highlight_rows=forget)  # fmt: skip
+    elif out is not None:
+        save_grid(images[pick], Path(out) / "samples.png", nrow=show)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------- Fréchet
 
 
@@ -152,7 +233,7 @@ class PenultimateFeatures(torch.nn.Module):
         super().__init__()
         linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
         if not linears:
-            raise UsageError("the classifier has no Linear layer to take penultimate features from")
+            raise UsageError("classifier: expected a Linear layer to take penultimate features from, got none")
         self.classifier = classifier.eval()
         self.head = linears[-1]
         self.num_features = self.head.in_features
@@ -306,10 +387,10 @@ def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1
     import torchvision
 
     if not hasattr(torchvision.models, arch):
-        raise UsageError(f"unknown torchvision model {arch!r} (e.g. resnet50, vit_b_16)")
+        raise UsageError(f"arch: unknown torchvision model {arch!r} (expected e.g. resnet50, vit_b_16)")
     path = Path(weights)
     if not path.is_file():
-        raise MissingFileError(f"classifier weights not found: {path}")
+        raise MissingFileError(f"weights: classifier weights not found: {path}")
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:

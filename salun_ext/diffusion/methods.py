@@ -1,580 +1,148 @@
-"""Training and unlearning methods for diffusion models, each a small Task on the one training loop (Engine).
+"""Diffusion unlearning methods, one small class each, found through `METHODS` (the CLI's --method choices).
 
-    EpsTask      the standard eps-MSE (train an original model; Retrain = EpsTask on the retain set from scratch)
-    SalUnTask    ||eps(x_t | c_f) - sg(eps(x_t | c'))||^2 on the forget set + alpha * eps-MSE on the retain set
-    GATask       gradient ascent on the forget set's eps-MSE
-    ESDTask      Erased Stable Diffusion: regress eps(x_t | c) onto the frozen model's negatively guided eps
-    FMNTask      Forget-Me-Not attention re-steering: minimise the cross-attention mass on the concept's tokens
+A method says what differs from the others: the Task it builds (tasks.py) and the parameters it trains (None:
+all of them). Everything else is shared: the paper's defaults come from recipes.py, how the run executes from the
+caller's RunOptions, and every method trains through salun_ext.train.fit (the one Engine adapter).
 
-Every task draws its randomness (batches, t, noise, dropped labels, ESD's start noise) in `batches(epoch)` from a
-generator seeded by (seed, epoch), so checkpoints resume exactly. Masks (SalUn's, or any other) are applied by the
-masked optimizers of the Engine: the same masks serve every method. `RECIPES` holds the paper's defaults.
+    fit = unlearn("salun", "ddpm", model.unet, model.spec, forget, retain, mask=mask,
+                  options=RunOptions(device="cuda", seed=0), max_steps=200, lr=1e-4)
+
+    method    Task                         trains
+    salun     SalUnTask (forget + retain)  all (the mask selects)
+    ga        GATask                       all
+    esd-x     ESDTask                      cross-attention (attn2) Linear/Conv weights
+    esd-u     ESDTask                      every Linear/Conv weight outside cross-attention
+    fmn       FMNTask                      all
+    retrain   EpsTask on the retain set    all, re-initialised first (takes no mask)
+
+Adding a method: one class here with `@METHODS.register`, its recipe lines in recipes.py (docs/diffusion.md).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from salun_ext.diffusion.core import (
-    DiffusionSet,
-    DiffusionSpec,
-    check_guidance,
-    check_positive,
-    check_steps,
-    cycled_batches,
-    denoise,
-    epoch_generator,
-    eps_mse,
-    noisy_batch,
-)
+from salun_ext.diffusion.core import DiffusionSet, DiffusionSpec
+from salun_ext.diffusion.recipes import recipe
+from salun_ext.diffusion.tasks import EpsTask, ESDTask, FMNTask, GATask, SalUnTask, esd_parameters
 from salun_ext.mask import SaliencyMask
-from salun_ext.train.engine import Engine, EngineConfig, FitResult, OptimConfig
+from salun_ext.train import Registry
+from salun_ext.train.engine import FitResult
+from salun_ext.train.options import RunOptions, TrainRecipe, fit
 from salun_ext.utils.errors import UsageError
 
+Params = list[tuple[str, torch.nn.Parameter]] | None
 
-class _EpochTask:
-    """Shared bookkeeping: a fixed number of batches per epoch and the per-epoch generator."""
 
-    seed: int
+class DiffusionMethod:
+    """The contract of a diffusion unlearning method (see the module docstring)."""
 
-    def num_batches(self, epoch: int) -> int:
-        return self.batches_per_epoch
+    name: ClassVar[str]
+    takes_mask: ClassVar[bool] = True  # False: the method trains a fresh model, a mask has no meaning
+    shardable: ClassVar[bool] = False  # True: runs on an FSDP2-sharded UNet (distributed="fsdp")
 
-    @property
-    def batches_per_epoch(self) -> int:  # pragma: no cover - every task overrides it
+    def build(
+        self,
+        spec: DiffusionSpec,
+        unet: torch.nn.Module,
+        forget: DiffusionSet,
+        retain: DiffusionSet | None,
+        task_kwargs: dict[str, Any],
+        *,
+        fmn_columns: Sequence[int] | None = None,
+    ) -> tuple[Any, Params]:
+        """The Task of this method and the parameters it trains (None: every parameter)."""
         raise NotImplementedError
 
-    def _generator(self, epoch: int) -> torch.Generator:
-        return epoch_generator(self.seed, epoch)
 
+METHODS: Registry[type[DiffusionMethod]] = Registry("diffusion method")
 
-def _check_cond_drop(p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise UsageError(f"cond_drop must be in [0, 1), got {p}")
 
+@METHODS.register
+class SalUn(DiffusionMethod):
+    name = "salun"
+    shardable = True
 
-# ---------------------------------------------------------------------------------------------------- eps-MSE
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        return SalUnTask(spec, forget, retain, **task_kwargs), None
 
 
-class EpsTask(_EpochTask):
-    """Standard denoising training: MSE(eps(x_t | c), eps), c dropped to the null id with probability cond_drop.
+@METHODS.register
+class GradientAscent(DiffusionMethod):
+    name = "ga"
+    shardable = True
 
-    One epoch is one pass over `data` (the last batch is smaller). The paper's DDPM trains with cond_drop 0.1
-    (classifier-free guidance needs the unconditional branch) and antithetic timesteps.
-    """
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        return GATask(spec, forget, **task_kwargs), None
 
-    def __init__(
-        self,
-        spec: DiffusionSpec,
-        data: DiffusionSet,
-        *,
-        batch_size: int = 128,
-        cond_drop: float = 0.1,
-        reduction: str = "mean",
-        antithetic: bool = True,
-        seed: int = 0,
-    ) -> None:
-        _check_cond_drop(cond_drop)
-        eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), reduction)  # validates the name early
-        self.spec, self.data = spec, data
-        self.batch_size, self.cond_drop, self.reduction = batch_size, cond_drop, reduction
-        self.antithetic, self.seed = antithetic, seed
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.data) / self.batch_size)
+class _ESD(DiffusionMethod):
+    """ESD deep-copies the UNet as its frozen teacher: not written for a sharded UNet."""
 
-    def batches(self, epoch: int) -> Iterator[dict]:
-        gen = self._generator(epoch)
-        order = torch.randperm(len(self.data), generator=gen)
-        for index in order.split(self.batch_size):
-            yield noisy_batch(self.spec, self.data, index, gen, cond_drop=self.cond_drop, antithetic=self.antithetic)
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        concepts = sorted(set(forget.ids.tolist()))
+        task = ESDTask(spec, unet, concepts, forget.sample_shape, data=forget, **task_kwargs)
+        return task, esd_parameters(unet, self.name)
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return _eps_loss(self.spec, model, batch, self.reduction)
 
+@METHODS.register
+class ESDx(_ESD):
+    name = "esd-x"
 
-def _eps_loss(spec: DiffusionSpec, model, batch: dict, reduction: str, prefix: str = "") -> torch.Tensor:
-    x_t = spec.add_noise(batch[prefix + "x0"], batch[prefix + "noise"], batch[prefix + "t"])
-    pred = spec.eps(model, x_t, batch[prefix + "t"], batch[prefix + "ids"])
-    return eps_mse(pred, batch[prefix + "noise"], reduction)
 
+@METHODS.register
+class ESDu(_ESD):
+    name = "esd-u"
 
-class _ForgetRetainTask(_EpochTask):
-    """One epoch = one pass over the forget set (full batches, cycled); each step also takes a retain batch."""
 
-    def __init__(
-        self,
-        spec: DiffusionSpec,
-        forget: DiffusionSet,
-        retain: DiffusionSet | None,
-        *,
-        batch_size: int,
-        retain_batch_size: int | None,
-        retain_cond_drop: float,
-        seed: int,
-    ) -> None:
-        _check_cond_drop(retain_cond_drop)
-        self.spec, self.forget, self.retain = spec, forget, retain
-        self.batch_size = batch_size
-        self.retain_batch_size = retain_batch_size or batch_size
-        self.retain_cond_drop = retain_cond_drop
-        self.seed = seed
+@METHODS.register
+class ForgetMeNot(DiffusionMethod):
+    name = "fmn"  # not run under FSDP2 by any test (it needs Stable Diffusion)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.forget) / self.batch_size)
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        if fmn_columns is None:
+            raise UsageError(
+                "fmn_columns: expected the concept's token columns (StableDiffusion.token_columns(prompt, concept)), "
+                "got None"
+            )
+        return FMNTask(spec, unet, forget, fmn_columns, **task_kwargs), None
 
-    def batches(self, epoch: int) -> Iterator[dict]:
-        gen = self._generator(epoch)
-        steps = self.batches_per_epoch
-        forget_idx = list(cycled_batches(len(self.forget), self.batch_size, steps, gen))
-        retain_idx = (
-            list(cycled_batches(len(self.retain), self.retain_batch_size, steps, gen))
-            if self.retain
-            else [None] * steps
-        )
-        for f_idx, r_idx in zip(forget_idx, retain_idx):
-            batch = noisy_batch(self.spec, self.forget, f_idx, gen)
-            if r_idx is not None:
-                batch.update(
-                    noisy_batch(self.spec, self.retain, r_idx, gen, cond_drop=self.retain_cond_drop, prefix="retain_")
-                )
-            yield batch
 
+@METHODS.register
+class Retrain(DiffusionMethod):
+    """Re-initialise `unet` in place (same config, seeded) and train it on the retain set only."""
 
-# ---------------------------------------------------------------------------------------------------- SalUn
+    name = "retrain"
+    takes_mask = False
 
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        if retain is None:
+            raise UsageError("retain: expected the retain set (retrain trains on it), got None")
+        torch.manual_seed(task_kwargs["seed"])
+        unet.load_state_dict(type(unet).from_config(unet.config).state_dict())
+        return EpsTask(spec, retain, **task_kwargs), None
 
-class SalUnTask(_ForgetRetainTask):
-    """SalUn for diffusion: MSE(eps(x_t | c_f), sg(eps(x_t | c'))) + alpha * eps-MSE(retain).
 
-    The forget term pulls the forgotten class/concept's prediction onto a misaligned one (c' = `forget.target_ids`)
-    at the same x_t and t, with the target from the model being trained, detached (computed without a graph: the
-    paper's .detach() without the memory). Retain term: the standard eps loss with `retain_reduction` ("sum" over
-    C,H,W as the paper's DDPM code, for which alpha = 1e-3 is tuned; "mean" for SD) and label dropout.
-    """
+METHODS.alias(esd_x="esd-x", esd_u="esd-u")  # "esd_x" / "ESD-X" find the hyphenated names
 
-    def __init__(
-        self,
-        spec: DiffusionSpec,
-        forget: DiffusionSet,
-        retain: DiffusionSet | None,
-        *,
-        alpha: float = 1e-3,
-        batch_size: int = 128,
-        retain_batch_size: int | None = None,
-        retain_cond_drop: float = 0.1,
-        retain_reduction: str = "sum",
-        seed: int = 0,
-    ) -> None:
-        if forget.target_ids is None:
-            raise UsageError("SalUn needs forget.target_ids (c', the misaligned class or prompt of each example)")
-        if torch.equal(forget.target_ids, forget.ids):
-            raise UsageError("SalUn's c' equals c for every forget example: the forget loss would be zero")
-        check_positive(alpha, "alpha", allow_zero=True)
-        if alpha > 0 and retain is None:
-            raise UsageError("alpha > 0 needs a retain set (or pass alpha=0)")
-        eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), retain_reduction)
-        super().__init__(
-            spec,
-            forget,
-            retain if alpha > 0 else None,
-            batch_size=batch_size,
-            retain_batch_size=retain_batch_size,
-            retain_cond_drop=retain_cond_drop,
-            seed=seed,
-        )
-        self.alpha, self.retain_reduction = alpha, retain_reduction
-        self.last_terms: dict[str, torch.Tensor] = {}  # the last batch's forget / retain terms
 
-    def forget_loss(self, model, batch: dict) -> torch.Tensor:
-        x_t = self.spec.add_noise(batch["x0"], batch["noise"], batch["t"])
-        with torch.no_grad():
-            target = self.spec.eps(model, x_t, batch["t"], batch["target_ids"])
-        return F.mse_loss(self.spec.eps(model, x_t, batch["t"], batch["ids"]), target)
+def method_names() -> list[str]:
+    return list(METHODS)
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        loss = self.forget_loss(model, batch)
-        # detached tensors, not floats: reading them would synchronise the GPU every step
-        self.last_terms = {"forget": loss.detach()}
-        if self.retain is not None:
-            retain = _eps_loss(self.spec, model, batch, self.retain_reduction, prefix="retain_")
-            self.last_terms["retain"] = retain.detach()
-            loss = loss + self.alpha * retain
-        return loss
 
+def shardable_methods() -> list[str]:
+    """The methods that run on an FSDP2-sharded UNet."""
+    return [name for name, cls in METHODS.items() if cls.shardable]
 
-# ---------------------------------------------------------------------------------------------------- GA
 
-
-class GATask(_ForgetRetainTask):
-    """Gradient ascent: maximise the forget set's eps-MSE (the baseline the paper shows to collapse the model)."""
-
-    def __init__(self, spec: DiffusionSpec, forget: DiffusionSet, *, batch_size: int = 128, seed: int = 0) -> None:
-        super().__init__(
-            spec, forget, None, batch_size=batch_size, retain_batch_size=None, retain_cond_drop=0.0, seed=seed
-        )
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        return -_eps_loss(self.spec, model, batch, "mean")
-
-
-# ---------------------------------------------------------------------------------------------------- ESD
-
-ESD_VARIANTS = ("esd-x", "esd-u", "esd-x-strict", "esd-full")
-
-
-def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters ESD trains: weights and biases of Linear/Conv layers (never norms), selected by variant.
-
-    esd-x: cross-attention (`attn2`) only; esd-u: everything but cross-attention; esd-x-strict: attn2.to_k/to_v;
-    esd-full: every Linear/Conv layer.
-    """
-    if variant not in ESD_VARIANTS:
-        raise UsageError(f"unknown ESD variant {variant!r}; expected one of {ESD_VARIANTS}")
-    layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
-    chosen = []
-    for mod_name, module in unet.named_modules():
-        if not isinstance(module, layers):
-            continue
-        in_xattn = ".attn2." in f".{mod_name}."
-        keep = {
-            "esd-x": in_xattn,
-            "esd-u": not in_xattn,
-            "esd-x-strict": in_xattn and mod_name.split(".")[-1] in ("to_k", "to_v"),
-            "esd-full": True,
-        }[variant]
-        if keep:
-            chosen += [(f"{mod_name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
-    if not chosen:
-        hint = " (this UNet has no cross-attention: use esd-u)" if variant.startswith("esd-x") else ""
-        raise UsageError(f"ESD variant {variant!r} selects no parameter of this UNet{hint}")
-    return chosen
-
-
-class ESDTask(_EpochTask):
-    """ESD: train eps(x_t | c) toward the frozen model's eps0(x_t) - eta (eps0(x_t | c) - eps0(x_t)).
-
-    x_t (xt_source="sample", the ESD recipe): the frozen model denoises seeded noise with guidance `guidance_scale`
-    on c for run_till ~ U{0..sample_steps-1} DDIM steps, and the loss is taken at the next step's timestep.
-    xt_source="data": x_t = forget images noised at t ~ U{0..T-1} (cheaper, needs data).
-
-    The frozen copy is made here (on the UNet's device, in `frozen_dtype`); nothing else of the model is copied.
-    `concept_ids`: the ids to erase (class labels or prompt-table rows); each step draws one per sample.
-    """
-
-    def __init__(
-        self,
-        spec: DiffusionSpec,
-        unet: torch.nn.Module,
-        concept_ids: Sequence[int],
-        sample_shape: Sequence[int],
-        *,
-        eta: float = 1.0,
-        guidance_scale: float = 3.0,
-        sample_steps: int = 50,
-        batch_size: int = 1,
-        steps_per_epoch: int = 50,
-        xt_source: str = "sample",
-        data: DiffusionSet | None = None,
-        frozen_dtype: torch.dtype | None = None,
-        seed: int = 0,
-    ) -> None:
-        from diffusers import DDIMScheduler
-
-        if not concept_ids:
-            raise UsageError("ESD needs at least one concept id to erase")
-        check_positive(eta, "eta")
-        check_guidance(guidance_scale)
-        check_steps(sample_steps, spec.num_train_timesteps, "sample_steps")
-        if xt_source not in ("sample", "data"):
-            raise UsageError(f"xt_source must be 'sample' or 'data', got {xt_source!r}")
-        if xt_source == "data" and data is None:
-            raise UsageError("xt_source='data' needs the forget data")
-        self.spec, self.concept_ids = spec, torch.tensor(list(concept_ids), dtype=torch.long)
-        self.sample_shape = tuple(sample_shape)
-        self.eta, self.guidance_scale, self.sample_steps = eta, guidance_scale, sample_steps
-        self.batch_size, self.steps_per_epoch, self.xt_source, self.data = batch_size, steps_per_epoch, xt_source, data
-        self.seed = seed
-        self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-        if frozen_dtype is not None:
-            self.frozen.to(frozen_dtype)
-        self.sampler = DDIMScheduler.from_config(spec.scheduler.config)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.steps_per_epoch
-
-    def batches(self, epoch: int) -> Iterator[dict]:
-        gen = self._generator(epoch)
-        for _ in range(self.steps_per_epoch):
-            pick = torch.randint(0, len(self.concept_ids), (self.batch_size,), generator=gen)
-            if self.xt_source == "sample":
-                yield {
-                    "ids": self.concept_ids[pick],
-                    "x_T": torch.randn((self.batch_size, *self.sample_shape), generator=gen),
-                    "run_till": torch.randint(0, self.sample_steps, (), generator=gen),
-                }
-            else:
-                index = torch.randint(0, len(self.data), (self.batch_size,), generator=gen)
-                batch = noisy_batch(self.spec, self.data, index, gen)
-                batch["ids"] = self.concept_ids[pick]
-                yield batch
-
-    @torch.no_grad()
-    def _x_t(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.xt_source == "data":
-            return self.spec.add_noise(batch["x0"], batch["noise"], batch["t"]), batch["t"]
-        return denoise(
-            self.frozen,
-            self.spec,
-            self.sampler,
-            batch["x_T"],
-            batch["ids"],
-            guidance_scale=self.guidance_scale,
-            num_inference_steps=self.sample_steps,
-            stop_after=int(batch["run_till"]),
-        )
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        x_t, t = self._x_t(batch)
-        ids = batch["ids"]
-        with torch.no_grad():  # both frozen branches in one batched pass
-            null = torch.full_like(ids, self.spec.null_id)
-            e_c, e_null = self.spec.eps(
-                self.frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([ids, null])
-            ).chunk(2)
-            target = e_null - self.eta * (e_c - e_null)
-        return F.mse_loss(self.spec.eps(model, x_t, t, ids), target)
-
-
-# ---------------------------------------------------------------------------------------------------- FMN
-
-
-class AttentionProbe:
-    """Cross-attention processor that computes the attention probabilities explicitly and records the columns of
-    chosen tokens (Forget-Me-Not's attention re-steering loss needs the post-softmax maps)."""
-
-    def __init__(self, recorder: list[torch.Tensor], columns: torch.Tensor) -> None:
-        self.recorder, self.columns = recorder, columns
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-            raise NotImplementedError("AttentionProbe supports the cross-attention of SD's transformer blocks only")
-        if encoder_hidden_states is None:
-            raise UsageError("AttentionProbe is installed on a self-attention layer; install it on attn2 only")
-        batch, tokens, _ = encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads) x queries x tokens
-        self.recorder.append(probs[..., self.columns.to(probs.device)])
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-def cross_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """name -> every `attn2` (cross-attention) module of a UNet2DConditionModel."""
-    return {name: m for name, m in unet.named_modules() if name.split(".")[-1] == "attn2"}
-
-
-class FMNTask(_EpochTask):
-    """Forget-Me-Not: minimise || A[:, :, concept tokens] ||_F over every cross-attention map of the UNet.
-
-    Inputs: the concept's images (VAE latents) with the prompt "a photo of <concept>", noised at t ~ U{0..T-1};
-    `columns`: the concept's token positions in that prompt (`StableDiffusion.token_columns`). The probes stay
-    installed until `remove()` (the Engine's model must route attention through them); the optional stage 1
-    (textual inversion of the concept) is left out: the prompt's own tokens are re-steered.
-    """
-
-    def __init__(
-        self,
-        spec: DiffusionSpec,
-        unet: torch.nn.Module,
-        forget: DiffusionSet,
-        columns: Sequence[int],
-        *,
-        batch_size: int = 1,
-        seed: int = 0,
-    ) -> None:
-        modules = cross_attention_modules(unet)
-        if not modules:
-            raise UsageError("FMN needs a UNet with cross-attention (attn2 layers): Stable Diffusion, not a DDPM")
-        if not columns:
-            raise UsageError("FMN needs the concept's token columns (none given)")
-        self.spec, self.forget, self.batch_size, self.seed = spec, forget, batch_size, seed
-        self.columns = torch.tensor(sorted(set(columns)), dtype=torch.long)
-        self.recorded: list[torch.Tensor] = []
-        self._previous = {name: m.processor for name, m in modules.items()}
-        for m in modules.values():
-            m.set_processor(AttentionProbe(self.recorded, self.columns))
-        self._modules = modules
-
-    def remove(self) -> None:
-        """Restore the original attention processors."""
-        for name, m in self._modules.items():
-            m.set_processor(self._previous[name])
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.forget) / self.batch_size)
-
-    def batches(self, epoch: int) -> Iterator[dict]:
-        gen = self._generator(epoch)
-        for index in cycled_batches(len(self.forget), self.batch_size, self.batches_per_epoch, gen):
-            yield noisy_batch(self.spec, self.forget, index, gen)
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        self.recorded.clear()
-        x_t = self.spec.add_noise(batch["x0"], batch["noise"], batch["t"])
-        self.spec.eps(model, x_t, batch["t"], batch["ids"])
-        if not self.recorded:
-            raise RuntimeError("FMN recorded no attention map: the model does not route through the installed probes")
-        loss = torch.sqrt(sum(a.float().pow(2).sum() for a in self.recorded))
-        self.recorded.clear()
-        return loss
-
-
-# ---------------------------------------------------------------------------------------------------- recipes
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """The paper's defaults for one (setting, method): the Engine's config and the Task's keyword arguments."""
-
-    engine: EngineConfig
-    task: dict[str, Any]
-
-
-def _adam(lr: float) -> OptimConfig:
-    return OptimConfig("adam", lr=lr, weight_decay=0.0)
-
-
-RECIPES: dict[tuple[str, str], Recipe] = {
-    # class-conditional DDPM (CIFAR-10): Adam 1e-4, 1000 iterations, batch 128, clip 1
-    ("ddpm", "salun"): Recipe(
-        EngineConfig(max_steps=1000, optimizer=_adam(1e-4), grad_clip=1.0),
-        dict(alpha=1e-3, batch_size=128, retain_cond_drop=0.1, retain_reduction="sum"),
-    ),
-    ("ddpm", "ga"): Recipe(EngineConfig(max_steps=1000, optimizer=_adam(1e-5), grad_clip=1.0), dict(batch_size=128)),
-    ("ddpm", "esd-u"): Recipe(
-        EngineConfig(max_steps=1000, optimizer=_adam(1e-5), grad_clip=1.0),
-        dict(eta=1.0, guidance_scale=3.0, sample_steps=50, batch_size=1),
-    ),
-    ("ddpm", "retrain"): Recipe(
-        EngineConfig(epochs=100, optimizer=_adam(2e-4), grad_clip=1.0), dict(batch_size=128, cond_drop=0.1)
-    ),
-    # Stable Diffusion class-wise (Imagenette): alpha 0.5, lr 1e-5, 5 epochs, batch 8
-    ("sd", "salun"): Recipe(
-        EngineConfig(epochs=5, optimizer=_adam(1e-5), amp="bf16"),
-        dict(alpha=0.5, batch_size=8, retain_cond_drop=0.0, retain_reduction="mean"),
-    ),
-    # Stable Diffusion NSFW: alpha 0.1, 1 epoch
-    ("sd-nsfw", "salun"): Recipe(
-        EngineConfig(epochs=1, optimizer=_adam(1e-5), amp="bf16"),
-        dict(alpha=0.1, batch_size=8, retain_cond_drop=0.0, retain_reduction="mean"),
-    ),
-    ("sd", "ga"): Recipe(EngineConfig(epochs=5, optimizer=_adam(1e-5), amp="bf16"), dict(batch_size=8)),
-    # ESD (CompVis script): start guidance 3, eta 1, 1000 iterations, lr 1e-5, 50 DDIM steps, batch 1
-    ("sd", "esd-x"): Recipe(
-        EngineConfig(max_steps=1000, optimizer=_adam(1e-5), amp="bf16"),
-        dict(eta=1.0, guidance_scale=3.0, sample_steps=50, batch_size=1),
-    ),
-    ("sd", "esd-u"): Recipe(
-        EngineConfig(max_steps=1000, optimizer=_adam(1e-5), amp="bf16"),
-        dict(eta=1.0, guidance_scale=3.0, sample_steps=50, batch_size=1),
-    ),
-    # Forget-Me-Not stage 2: AdamW lr 2e-6, wd 0.01, clip 1, batch 1, 35 steps, fp32
-    ("sd", "fmn"): Recipe(
-        EngineConfig(max_steps=35, optimizer=OptimConfig("adamw", lr=2e-6, weight_decay=0.01), grad_clip=1.0),
-        dict(batch_size=1),
-    ),
-}
-RECIPES[("sd-nsfw", "ga")] = RECIPES[("sd", "ga")]
-RECIPES[("sd-nsfw", "esd-x")] = RECIPES[("sd", "esd-x")]
-RECIPES[("sd-nsfw", "esd-u")] = RECIPES[("sd", "esd-u")]
-RECIPES[("sd-nsfw", "fmn")] = RECIPES[("sd", "fmn")]
-
-METHODS = ("salun", "ga", "esd-x", "esd-u", "fmn", "retrain")
-
-
-def recipe(setting: str, method: str) -> Recipe:
-    """The paper's defaults; a clear error for a method that does not apply to the setting."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
-    key = (setting, method)
-    if key not in RECIPES:
-        settings = sorted({s for s, _ in RECIPES})
-        if setting not in settings:
-            raise UsageError(f"unknown setting {setting!r}; expected one of {settings}")
-        available = sorted(m for s, m in RECIPES if s == setting)
-        raise UsageError(f"method {method!r} does not apply to {setting!r}; available: {available}")
-    r = RECIPES[key]
-    return Recipe(copy.deepcopy(r.engine), dict(r.task))
-
-
-def run_task(
-    unet: torch.nn.Module,
-    task,
-    config: EngineConfig,
-    *,
-    mask: SaliencyMask | None = None,
-    params: list[tuple[str, torch.nn.Parameter]] | None = None,
-    on_done: Callable[[], None] | None = None,
-) -> FitResult:
-    """Fit `task` on `unet` with the Engine: only `params` (default: all) train, the rest are frozen for the run.
-
-    A mask over the whole UNet is restricted to the trained parameters, so one SalUn mask serves ESD-x as well.
-    """
-    named = params if params is not None else [(n, p) for n, p in unet.named_parameters()]
-    trained = {id(p) for _, p in named}
-    saved = {n: p.requires_grad for n, p in unet.named_parameters()}
-    for _, p in unet.named_parameters():
-        p.requires_grad_(id(p) in trained)
-    if mask is not None:
-        mask = mask.subset([n for n, _ in named if n in mask])
-    try:
-        return Engine(unet, config, mask=mask, params=named).fit(task)
-    finally:
-        for n, p in unet.named_parameters():
-            p.requires_grad_(saved[n])
-        if on_done is not None:
-            on_done()
-
-
-def shard_unet(unet: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """FSDP2 in place: `fully_shard` each down / mid / up block, then the root (stem, embeddings, output conv).
-
-    Per-block units keep one block's full parameters gathered at a time (the memory FSDP2 is for); the root unit
-    holds the small rest. Call on every rank before building the Engine (distributed="fsdp"). `mesh`: a 1-D
-    DeviceMesh (default: all ranks, on the UNet's device type, so CPU/gloo runs do not pick a CUDA mesh).
-    """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if mesh is None:
-        mesh = init_device_mesh(next(unet.parameters()).device.type, (dist.get_world_size(),))
-    blocks = [*getattr(unet, "down_blocks", []), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", [])]
-    for block in blocks:
-        if block is not None:
-            fully_shard(block, mesh=mesh)
-    fully_shard(unet, mesh=mesh)
-    return unet
+def check_shardable(method: str) -> None:
+    """UsageError unless `method` runs on an FSDP2-sharded UNet."""
+    if not METHODS.get_class(method).shardable:
+        names = " / ".join(shardable_methods())
+        raise UsageError(f"--fsdp supports --method {names}, not {method!r}; use DDP (drop --fsdp)")
 
 
 def make_task(
@@ -587,32 +155,42 @@ def make_task(
     *,
     fmn_columns: Sequence[int] | None = None,
     seed: int = 0,
-) -> tuple[Any, list[tuple[str, torch.nn.Parameter]] | None]:
-    """The Task of `method` and the parameters it trains (None: every parameter).
-
-    retrain re-initialises `unet` in place (same config, seeded) and trains it on the retain set only.
-    """
+) -> tuple[Any, Params]:
+    """The Task of `method` and the parameters it trains (None: every parameter); `seed` unless task_kwargs has one."""
     kw = dict(task_kwargs)
     kw.setdefault("seed", seed)
-    if method == "salun":
-        return SalUnTask(spec, forget, retain, **kw), None
-    if method == "ga":
-        return GATask(spec, forget, **kw), None
-    if method in ("esd-x", "esd-u"):
-        concepts = sorted(set(forget.ids.tolist()))
-        task = ESDTask(spec, unet, concepts, forget.sample_shape, data=forget, **kw)
-        return task, esd_parameters(unet, method)
-    if method == "fmn":
-        if fmn_columns is None:
-            raise UsageError("FMN needs the concept's token columns (StableDiffusion.token_columns(prompt, concept))")
-        return FMNTask(spec, unet, forget, fmn_columns, **kw), None
-    if method == "retrain":
-        if retain is None:
-            raise UsageError("retrain needs the retain set")
-        torch.manual_seed(kw["seed"])
-        unet.load_state_dict(type(unet).from_config(unet.config).state_dict())
-        return EpsTask(spec, retain, **kw), None
-    raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
+    return METHODS.get_class(method)().build(spec, unet, forget, retain, kw, fmn_columns=fmn_columns)
+
+
+def run_task(
+    unet: torch.nn.Module,
+    task: Any,
+    train: TrainRecipe,
+    options: RunOptions,
+    *,
+    mask: SaliencyMask | None = None,
+    params: Params = None,
+    on_done: Callable[[], None] | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Fit `task` on `unet` (salun_ext.train.fit): only `params` (default: all) train, the rest are frozen for the run.
+
+    A mask over the whole UNet is restricted to the trained parameters, so one SalUn mask serves ESD-x as well.
+    """
+    named = params if params is not None else [(n, p) for n, p in unet.named_parameters()]
+    trained = {id(p) for _, p in named}
+    saved = {n: p.requires_grad for n, p in unet.named_parameters()}
+    for _, p in unet.named_parameters():
+        p.requires_grad_(id(p) in trained)
+    if mask is not None:
+        mask = mask.subset([n for n, _ in named if n in mask])
+    try:
+        return fit(unet, task, train, options, mask=mask, params=named, desc=desc)
+    finally:
+        for n, p in unet.named_parameters():
+            p.requires_grad_(saved[n])
+        if on_done is not None:
+            on_done()
 
 
 def unlearn(
@@ -623,31 +201,35 @@ def unlearn(
     forget: DiffusionSet,
     retain: DiffusionSet | None,
     *,
+    options: RunOptions | None = None,
     mask: SaliencyMask | None = None,
+    lr: float | None = None,
     max_steps: int | None = None,
     epochs: int | None = None,
+    recipe_overrides: dict[str, Any] | None = None,
     task_overrides: dict[str, Any] | None = None,
-    engine_overrides: dict[str, Any] | None = None,
-    optimizer_overrides: dict[str, Any] | None = None,
     fmn_columns: Sequence[int] | None = None,
 ) -> FitResult:
-    """Run `method` with the paper's defaults for `setting` ("ddpm", "sd", "sd-nsfw"), overridden where given.
+    """Run `method` with the paper's recipe for `setting` ("ddpm", "sd", "sd-nsfw"), overridden where given.
 
-    max_steps / epochs: when either is given, both replace the recipe's budget. Other overrides with value None
-    are ignored (convenient for CLI flags). `mask`: any SaliencyMask over the UNet (SalUn's, or one shared by the
-    baselines); it is restricted to the parameters the method trains.
+    options: how the run executes (device, seed, amp: None keeps the recipe's, checkpoints, distributed).
+    lr / max_steps / epochs / recipe_overrides (other TrainRecipe or optimizer fields): the recipe's training;
+    when max_steps or epochs is given, both replace the recipe's budget. task_overrides: the Task's keywords.
+    Overrides with value None are not given. `mask`: any SaliencyMask over the UNet (SalUn's, or one shared by
+    the baselines); it is restricted to the parameters the method trains.
     """
-    r = recipe(setting, method)
-    if mask is not None and method == "retrain":
-        raise UsageError("retrain trains a fresh model: it takes no mask")
+    options = options if options is not None else RunOptions()
+    name = METHODS.key(method)
+    if mask is not None and not METHODS[name].takes_mask:
+        raise UsageError(f"mask: {name} trains a fresh model: it takes no mask (got one)")
+    r = recipe(setting, name)
     r.task.update(_given(task_overrides))
-    engine = dataclasses.replace(r.engine, **_given(engine_overrides))
+    train = r.train.replace(**_given({**(recipe_overrides or {}), "lr": lr}))
     if max_steps is not None or epochs is not None:
-        engine.max_steps, engine.epochs = max_steps, epochs
-    engine.optimizer = dataclasses.replace(engine.optimizer, **_given(optimizer_overrides))
-    seed = engine.seed if engine.seed is not None else 0
-    task, params = make_task(method, spec, unet, forget, retain, r.task, fmn_columns=fmn_columns, seed=seed)
-    return run_task(unet, task, engine, mask=mask, params=params, on_done=getattr(task, "remove", None))
+        train = train.replace(max_steps=max_steps, epochs=epochs)
+    task, params = make_task(name, spec, unet, forget, retain, r.task, fmn_columns=fmn_columns, seed=options.seed)
+    on_done = getattr(task, "remove", None)  # FMN's attention probes
+    return run_task(unet, task, train, options, mask=mask, params=params, on_done=on_done, desc=name)
 
 
 def _given(values: dict[str, Any] | None) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class NudityDetector:
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, model_path: PathLike | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
-            raise UsageError(f"threshold must be in [0, 1], got {threshold}")
+            raise UsageError(f"threshold: expected a score in [0, 1], got {threshold}")
         from nudenet import NudeDetector
 
         self.threshold = threshold

@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 
-from salun_ext.diffusion.core import DiffusionSet, DiffusionSpec, check_guidance, epoch_generator, noisy_batch
+from salun_ext.diffusion.core import DiffusionSet, DiffusionSpec, check_guidance, noisy_batch
 from salun_ext.mask import SaliencyMask
 from salun_ext.saliency import compute_saliency
 from salun_ext.train.engine import to_device
+from salun_ext.utils.seeding import epoch_generator
 
 
 def saliency_batches(
     spec: DiffusionSpec, forget: DiffusionSet, *, batch_size: int, seed: int, device: torch.device
 ) -> Iterator[dict]:
-    """One pass over the forget set with fresh t and noise (seeded), on `device`."""
-    gen = epoch_generator(seed, 0)
+    """One pass over the forget set with fresh t and noise (the "diffusion" stream, epoch 0), on `device`."""
+    gen = epoch_generator(seed, 0, "diffusion")
     for index in torch.randperm(len(forget), generator=gen).split(batch_size):
         yield to_device(noisy_batch(spec, forget, index, gen), device)
 

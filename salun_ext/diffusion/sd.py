@@ -90,10 +90,10 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     device = resolve_device(device)
     if dtype == "fp16" and device.type != "cuda":
-        raise UsageError("dtype='fp16' needs a CUDA device; use 'bf16' or 'fp32' on a CPU")
+        raise UsageError(f"dtype: 'fp16' needs a CUDA device, got device {str(device)!r} (use 'bf16' or 'fp32')")
     text = os.fspath(source)
     path = Path(text).expanduser()
     looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1

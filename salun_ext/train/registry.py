@@ -36,7 +36,10 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def key(self, name: str) -> str:
         """The canonical name ('SalUn-soft' -> 'salun_soft', an alias -> its method); UsageError when unknown."""
-        key = str(name).strip().lower().replace("-", "_")
+        key = str(name).strip().lower()
+        if key in self._items:  # a registered name as spelled (diffusion's "esd-x")
+            return key
+        key = key.replace("-", "_")
         key = self.aliases.get(key, key)
         if key not in self._items:
             raise UsageError(f"unknown {self.what} {name!r}; available: {', '.join(self._items)}")

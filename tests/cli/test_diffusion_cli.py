@@ -20,6 +20,16 @@ def run(command: str) -> int:
     return main(["diffusion", *shlex.split(command), "--no-progress", "--device", "cpu"])
 
 
+def fails(capsys, command: str, message: str) -> None:
+    """The command exits with status 2 and ends stderr with one error line holding `message` (no traceback)."""
+    capsys.readouterr()
+    assert run(command) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # (SD: diffusers' loading bars come before it)
+    assert line.startswith("salun-ext diffusion ") and ": error: " in line and message in line, err
+    assert "Traceback" not in err, err
+
+
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "ddpm"
@@ -82,21 +92,62 @@ def test_ddpm_train_mask_unlearn_sample_evaluate(ddpm_dir, tmp_path):
     assert (tmp_path / "eval2" / "samples.png").exists()
 
 
-def test_ddpm_bad_input(ddpm_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown class 'cat'"):
-        run(f"mask --model {ddpm_dir} --forget-class cat --out x")
-    with pytest.raises(SystemExit, match="--forget-class is required"):
-        run(f"mask --model {ddpm_dir} --out x")
-    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
-        run(f"sample --model {ddpm_dir} --guidance -1 --out {tmp_path}/g.png")
-    with pytest.raises(ValueError, match="num_inference_steps must be in"):
-        run(f"sample --model {ddpm_dir} --steps 0 --out {tmp_path}/g.png")
-    with pytest.raises(SystemExit, match="does not apply to 'ddpm'"):
-        run(f"unlearn --method fmn --model {ddpm_dir} --forget-class 3 --out {tmp_path}/f")
-    with pytest.raises(SystemExit, match="several --ratio values need"):
-        run(f"mask --model {ddpm_dir} --forget-class 3 --ratio 0.1 0.2 --out {tmp_path}/m.safetensors")
-    with pytest.raises(FileNotFoundError, match="missing"):
-        run(f"sample --model {tmp_path} --out x")
+def test_ddpm_bad_input(ddpm_dir, tmp_path, capsys):
+    fails(capsys, f"mask --model {ddpm_dir} --forget-class cat --out x", "unknown class 'cat'")
+    fails(capsys, f"mask --model {ddpm_dir} --out x", "forget_class (--forget-class): expected at least one class")
+    fails(capsys, f"sample --model {ddpm_dir} --guidance -1 --out {tmp_path}/g.png",
+          "guidance_scale must be a finite number >= 0")  # fmt: skip
+    fails(capsys, f"sample --model {ddpm_dir} --steps 0 --out {tmp_path}/g.png", "num_inference_steps must be in")
+    fails(capsys, f"unlearn --method fmn --model {ddpm_dir} --forget-class 3 --out {tmp_path}/f",
+          "does not apply to 'ddpm'")  # fmt: skip
+    fails(capsys, f"mask --model {ddpm_dir} --forget-class 3 --ratio 0.1 0.2 --out {tmp_path}/m.safetensors",
+          "'{ratio}' in the name for several ratios")  # fmt: skip
+    fails(capsys, f"sample --model {tmp_path} --out x", "missing")  # MissingFileError: a UsageError too
+    fails(capsys, "train --preset huge --out x", "preset (--preset): expected one of")
+    fails(capsys, "train --subset 0 --out x", "subset (--subset): expected a number of examples >= 1, got 0")
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g.png").exists()
+
+
+def test_method_choices_come_from_the_registry(monkeypatch, capsys):
+    """--method offers exactly the registered methods; registering one more class is all the CLI needs."""
+    from salun_ext.diffusion import methods
+
+    parser_choices = _method_choices()
+    assert parser_choices == list(methods.METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain"]
+
+    class Extra(methods.DiffusionMethod):
+        name = "extra"
+
+    monkeypatch.setitem(methods.METHODS._items, "extra", Extra)
+    assert _method_choices() == [*parser_choices, "extra"]
+    assert parse_args(["diffusion", "unlearn", "--model", "m", "--method", "extra", "--out", "x"]).method == "extra"
+    with pytest.raises(SystemExit):  # argparse refuses a name that is not registered
+        parse_args(["diffusion", "unlearn", "--model", "m", "--method", "scrub", "--out", "x"])
+    assert "invalid choice: 'scrub'" in capsys.readouterr().err
+
+
+def _method_choices() -> list[str]:
+    from salun_ext.cli import build_parser
+
+    parser = build_parser()
+    diffusion = next(a for a in parser._subparsers._group_actions[0].choices["diffusion"]._actions
+                     if a.dest == "diffusion_command")  # fmt: skip
+    unlearn = diffusion.choices["unlearn"]
+    return list(next(a for a in unlearn._actions if a.dest == "method").choices)
+
+
+@pytest.mark.parametrize("sub", ["train", "mask", "unlearn", "sample", "evaluate", "demo"])
+def test_every_subcommand_takes_a_config_file(sub, tmp_path):
+    """--config fills the options the command line leaves out, and the command line wins over the file."""
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 5\nno_progress: true\n")
+    base = {"train": [], "demo": [], "evaluate": ["--model", "m"], "sample": ["--model", "m"],
+            "mask": ["--model", "m"], "unlearn": ["--model", "m", "--method", "ga"]}[sub]  # fmt: skip
+    base = [*base, "--out", "x"]
+    assert (parse_args(["diffusion", sub, *base]).seed, parse_args(["diffusion", sub, *base]).no_progress) == (0, False)
+    args = parse_args(["diffusion", sub, *base, "--config", str(config)])
+    assert (args.seed, args.no_progress) == (5, True)
+    assert parse_args(["diffusion", sub, *base, "--config", str(config), "--seed", "1"]).seed == 1
 
 
 def test_train_checkpoint_and_resume(tmp_path):
@@ -108,7 +159,7 @@ def test_train_checkpoint_and_resume(tmp_path):
     assert [h["epoch"] for h in log["history"]] == [0, 1]  # epoch 0 came from the checkpoint
 
 
-def test_stable_diffusion_cli(tmp_path):
+def test_stable_diffusion_cli(tmp_path, capsys):
     pipe = tiny_pipeline_folder()
     save_images(random_images(2, seed=1), tmp_path / "nude")
     save_images(random_images(2, seed=2), tmp_path / "clothed")
@@ -147,17 +198,14 @@ def test_stable_diffusion_cli(tmp_path):
                f"--n-per-class 1 --steps 2 --out {ev}"  # fmt: skip
     assert run(f"{classify} --classes tench church --forget-class tench") == 0
     assert {"UA", "retain_accuracy", "per_class_accuracy"} <= set(json.loads((ev / "results.json").read_text()))
-    with pytest.raises(SystemExit, match="not among the evaluated classes"):
-        run(f"{classify} --classes tench --forget-class parachute")
-    with pytest.raises(SystemExit, match=r"unknown class\(es\) \['cat'\]"):
-        run(f"{classify} --classes cat")
+    fails(capsys, f"{classify} --classes tench --forget-class parachute", "not among the evaluated classes")
+    fails(capsys, f"{classify} --classes cat", "unknown class(es) ['cat']")
+    fails(capsys, f"evaluate --pipeline {out} --out {ev}", "i2p (--i2p): expected the I2P prompt CSV")
 
-    with pytest.raises(SystemExit, match="needs --concept"):
-        run(f"mask --pipeline {pipe} --out {mask}")
-    with pytest.raises(ValueError, match="unknown concept"):
-        run(f"mask --pipeline {pipe} --concept gore --out {mask}")
-    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
-        run(f"sample --pipeline {tmp_path}/nope/x/y --prompt a --out {grid}")
+    fails(capsys, f"mask --pipeline {pipe} --out {mask}", "needs --concept")
+    fails(capsys, f"mask --pipeline {pipe} --concept gore --out {mask}", "unknown concept")
+    fails(capsys, f"sample --pipeline {tmp_path}/nope/x/y --prompt a --out {grid}", "pipeline folder not found")
+    fails(capsys, f"sample --pipeline {pipe} --out {grid}", "prompt (--prompt): expected at least one prompt")
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):
@@ -174,7 +222,8 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert "UA on the forgotten class" in (tmp_path / "results.md").read_text()
 
 
-def test_fsdp_needs_a_torchrun_start(monkeypatch):
+def test_fsdp_needs_a_torchrun_start(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: --fsdp is refused before anything is loaded
-    with pytest.raises(SystemExit, match="--fsdp shards the UNet over the processes of a torchrun start"):
-        run("unlearn --model m --method salun --fsdp --forget-class 3 --out x")
+    message = "--fsdp shards the UNet over the processes of a torchrun start"
+    fails(capsys, "unlearn --model m --method salun --fsdp --forget-class 3 --out x", message)
+    fails(capsys, "mask --model m --fsdp --forget-class 3 --out x", message)

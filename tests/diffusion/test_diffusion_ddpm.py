@@ -17,8 +17,10 @@ from salun_ext.diffusion.ddpm import (
     next_other_class,
     resize_images,
 )
-from salun_ext.diffusion.methods import EpsTask, run_task
-from salun_ext.train.engine import EngineConfig, OptimConfig
+from salun_ext.diffusion.methods import run_task
+from salun_ext.diffusion.tasks import EpsTask
+from salun_ext.train import RunOptions, TrainRecipe
+from salun_ext.train.engine import OptimConfig
 from tests.diffusion_helpers import MICRO, digits, micro_ddpm
 
 
@@ -151,8 +153,8 @@ def test_training_lowers_the_eps_loss():
     model = micro_ddpm(seed=0)
     data = dataset_to_set(model, digits())
     before = _fixed_loss(model, data)
-    config = EngineConfig(max_steps=40, optimizer=OptimConfig("adam", lr=2e-3, weight_decay=0.0), progress=False)
-    run_task(model.unet, EpsTask(model.spec, data, batch_size=64), config)
+    train = TrainRecipe(max_steps=40, optimizer=OptimConfig("adam", lr=2e-3, weight_decay=0.0))
+    run_task(model.unet, EpsTask(model.spec, data, batch_size=64), train, RunOptions(progress=False))
     after = _fixed_loss(model, data)
     assert after < 0.7 * before, (before, after)
 
@@ -162,15 +164,9 @@ def test_checkpoint_resume_is_exact(tmp_path):
 
     def run(epochs, resume, ckpt):
         model = micro_ddpm(seed=5)
-        config = EngineConfig(
-            epochs=epochs,
-            optimizer=OptimConfig("adam", lr=1e-3, weight_decay=0.0),
-            checkpoint_dir=str(ckpt) if ckpt else None,
-            resume=resume,
-            progress=False,
-            seed=1,
-        )
-        run_task(model.unet, EpsTask(model.spec, data, batch_size=32, seed=9), config)
+        train = TrainRecipe(epochs=epochs, optimizer=OptimConfig("adam", lr=1e-3, weight_decay=0.0))
+        options = RunOptions(checkpoint_dir=str(ckpt) if ckpt else None, resume=resume, progress=False, seed=1)
+        run_task(model.unet, EpsTask(model.spec, data, batch_size=32, seed=9), train, options)
         return model
 
     straight = run(2, False, None)

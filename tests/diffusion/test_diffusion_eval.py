@@ -15,11 +15,13 @@ from salun_ext.diffusion.evaluation import (
     class_wise_report,
     find_inception_weights,
     frechet_distance,
-    predict,
     save_grid,
-    train_classifier,
+    scoring_classifier,
+    train_scoring_classifier,
 )
 from salun_ext.diffusion.nudity import EXPOSED_CLASSES, NudityDetector, i2p_nudity, read_i2p
+from salun_ext.train import RunOptions
+from salun_ext.train.classifier import predict
 from tests.diffusion_helpers import digits, load_tiny_sd, micro_ddpm
 
 I2P = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "i2p" / "unsafe-prompts4703.csv"
@@ -92,9 +94,18 @@ def test_i2p_nudity_end_to_end_on_a_tiny_pipeline(tmp_path):
 def test_classifier_ua_report_and_frechet_distance(tmp_path):
     ds = digits()
     images = ds.float_images()
-    clf = train_classifier(images[:1000], ds.labels[:1000], 10, epochs=4, device="cpu")
+    options = RunOptions(device="cpu", progress=False)
+    clf = train_scoring_classifier(ds.subset(torch.arange(1000)), 8, options, epochs=4)
     acc = float((predict(clf, images[1000:]) == ds.labels[1000:]).float().mean())
     assert acc > 0.85, acc
+    # seeded ("init" weights, "classifier" batches): the same run gives the same classifier; saved and read back
+    again = scoring_classifier(ds.subset(torch.arange(1000)), 8, options, epochs=4, save=tmp_path / "clf.pt")
+    loaded = scoring_classifier(ds, 8, options, load=tmp_path / "clf.pt")
+    states = [m.state_dict() for m in (clf, again, loaded)]
+    for n in states[0]:
+        assert torch.equal(states[0][n], states[1][n]) and torch.equal(states[1][n], states[2][n]), n
+    with pytest.raises(FileNotFoundError, match="classifier: expected a state_dict file"):
+        scoring_classifier(ds, 8, options, load=tmp_path / "none.pt")
     model = micro_ddpm()
     per_class, generated, labels = class_accuracies(model, clf, classes=[0, 3], n_per_class=3, num_inference_steps=2)
     assert generated.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 0, 3, 3, 3]

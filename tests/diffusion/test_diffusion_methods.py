@@ -7,18 +7,12 @@ import torch
 
 from salun_ext import SaliencyMask, saliency_masks
 from salun_ext.diffusion.ddpm import forget_retain_sets
-from salun_ext.diffusion.methods import (
-    ESDTask,
-    GATask,
-    SalUnTask,
-    esd_parameters,
-    make_task,
-    recipe,
-    run_task,
-    unlearn,
-)
+from salun_ext.diffusion.methods import METHODS, DiffusionMethod, make_task, run_task, unlearn
+from salun_ext.diffusion.recipes import RECIPES, recipe
 from salun_ext.diffusion.saliency import diffusion_saliency, guided_forget_loss
-from salun_ext.train.engine import EngineConfig, OptimConfig
+from salun_ext.diffusion.tasks import ESDTask, GATask, SalUnTask, esd_parameters
+from salun_ext.train import RunOptions, TrainRecipe
+from salun_ext.train.engine import OptimConfig
 from tests.diffusion_helpers import digits, micro_ddpm, params_snapshot
 
 
@@ -30,7 +24,10 @@ def setup():
 
 
 def _adam(steps, lr=1e-3):
-    return EngineConfig(max_steps=steps, optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0), progress=False)
+    return TrainRecipe(max_steps=steps, optimizer=OptimConfig("adam", lr=lr, weight_decay=0.0))
+
+
+QUIET = RunOptions(progress=False)
 
 
 def test_mask_covers_the_whole_unet(setup):
@@ -77,7 +74,7 @@ def test_salun_moves_the_forget_loss_and_keeps_non_salient_weights(setup):
     with torch.no_grad():
         before = float(task.forget_loss(unet, batch))
     start = params_snapshot(unet)
-    fit = run_task(unet, task, _adam(25), mask=mask)
+    fit = run_task(unet, task, _adam(25), QUIET, mask=mask)
     with torch.no_grad():
         after = float(task.forget_loss(unet, batch))
     assert fit.steps == 25 and set(task.last_terms) == {"forget", "retain"}
@@ -97,7 +94,7 @@ def test_ga_raises_the_forget_eps_loss():
     batch = next(iter(task.batches(0)))
     with torch.no_grad():
         before = -float(task.loss(model.unet, batch))
-    run_task(model.unet, task, _adam(10, lr=1e-3))
+    run_task(model.unet, task, _adam(10, lr=1e-3), QUIET)
     with torch.no_grad():
         after = -float(task.loss(model.unet, batch))
     assert after > 1.5 * before, (before, after)
@@ -114,7 +111,7 @@ def test_esd_u_regresses_onto_the_negatively_guided_target():
         before = sum(float(task.loss(model.unet, b)) for b in batches)
     params = esd_parameters(model.unet, "esd-u")
     assert all("norm" not in n for n, _ in params)
-    run_task(model.unet, task, _adam(30, lr=1e-3), params=params)
+    run_task(model.unet, task, _adam(30, lr=1e-3), QUIET, params=params)
     with torch.no_grad():
         after = sum(float(task.loss(model.unet, b)) for b in batches)
     assert after < 0.5 * before, (before, after)
@@ -157,35 +154,72 @@ def test_unlearn_driver_uses_recipes_and_overrides(setup):
         forget,
         retain,
         max_steps=2,
+        lr=1e-5,
         task_overrides={"batch_size": 16, "alpha": None},
-        engine_overrides={"progress": False},
-        optimizer_overrides={"lr": 1e-5},
+        options=QUIET,
     )
     assert fit.steps == 2
 
 
+def test_unlearn_passes_overrides_and_options_to_fit(setup, monkeypatch):
+    """lr / steps / task overrides replace the recipe's values; RunOptions reach salun_ext.train.fit unchanged."""
+    import salun_ext.diffusion.methods as methods
+
+    _model, forget, retain = setup
+    m = micro_ddpm(seed=3)
+    seen = {}
+
+    def fake_fit(model, task, train, options, **kw):
+        seen.update(task=task, train=train, options=options, desc=kw["desc"])
+        return "fitted"
+
+    monkeypatch.setattr(methods, "fit", fake_fit)
+    options = RunOptions(device="cpu", seed=7, amp="bf16", progress=False)
+    got = unlearn("salun", "ddpm", m.unet, m.spec, forget, retain, options=options, lr=3e-4, epochs=2,
+                  task_overrides={"alpha": 0.5, "batch_size": None})  # fmt: skip
+    assert got == "fitted" and seen["options"] is options and seen["desc"] == "salun"
+    train = seen["train"]
+    assert (train.optimizer.lr, train.epochs, train.max_steps, train.grad_clip) == (3e-4, 2, None, 1.0)
+    task = seen["task"]
+    assert isinstance(task, SalUnTask) and task.alpha == 0.5 and task.batch_size == 128 and task.seed == 7
+    unlearn("esd-u", "ddpm", m.unet, m.spec, forget, retain, options=options)  # the registry's hyphenated name
+    assert isinstance(seen["task"], ESDTask) and seen["train"].max_steps == 1000
+
+
+def test_methods_registry_builds_each_methods_task(setup):
+    assert list(METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain"]
+    assert METHODS.key("ESD-U") == "esd-u" and METHODS.key("esd_u") == "esd-u"
+    assert all(issubclass(cls, DiffusionMethod) for cls in METHODS.values())
+    assert {m for _, m in RECIPES} == set(METHODS)  # every method has a recipe, every recipe a method
+    with pytest.raises(ValueError, match="unknown diffusion method 'scrub'"):
+        METHODS.key("scrub")
+    model, forget, retain = setup
+    task, params = make_task("ga", model.spec, model.unet, forget, retain, {"batch_size": 8}, seed=2)
+    assert isinstance(task, GATask) and params is None and task.seed == 2
+
+
 def test_recipes_hold_the_paper_defaults():
     r = recipe("ddpm", "salun")
-    assert (r.task["alpha"], r.engine.optimizer.name, r.engine.optimizer.lr, r.engine.max_steps) == (
+    assert (r.task["alpha"], r.train.optimizer.name, r.train.optimizer.lr, r.train.max_steps) == (
         1e-3,
         "adam",
         1e-4,
         1000,
     )
-    assert r.task["batch_size"] == 128 and r.engine.grad_clip == 1.0 and r.engine.optimizer.weight_decay == 0.0
+    assert r.task["batch_size"] == 128 and r.train.grad_clip == 1.0 and r.train.optimizer.weight_decay == 0.0
     r = recipe("sd", "salun")
-    assert (r.task["alpha"], r.engine.optimizer.lr, r.engine.epochs, r.task["batch_size"]) == (0.5, 1e-5, 5, 8)
+    assert (r.task["alpha"], r.train.optimizer.lr, r.train.epochs, r.task["batch_size"]) == (0.5, 1e-5, 5, 8)
     r = recipe("sd-nsfw", "salun")
-    assert (r.task["alpha"], r.engine.epochs) == (0.1, 1)
+    assert (r.task["alpha"], r.train.epochs) == (0.1, 1)
     r = recipe("sd", "esd-x")
-    assert (r.task["eta"], r.task["guidance_scale"], r.engine.max_steps, r.engine.optimizer.lr) == (
+    assert (r.task["eta"], r.task["guidance_scale"], r.train.max_steps, r.train.optimizer.lr) == (
         1.0,
         3.0,
         1000,
         1e-5,
     )
     r = recipe("sd", "fmn")
-    assert (r.engine.optimizer.name, r.engine.optimizer.lr, r.engine.max_steps) == ("adamw", 2e-6, 35)
+    assert (r.train.optimizer.name, r.train.optimizer.lr, r.train.max_steps) == ("adamw", 2e-6, 35)
     recipe("ddpm", "salun").task["alpha"] = 5  # recipes are copies
     assert recipe("ddpm", "salun").task["alpha"] == 1e-3
     with pytest.raises(ValueError, match="unknown method"):
@@ -223,3 +257,35 @@ def test_mask_subset_keeps_the_bits():
     assert mask.subset(list(mask.names)) is mask
     with pytest.raises(KeyError, match="no tensor named 'zz'"):
         mask.subset(["zz"])
+
+
+def test_tasks_and_mask_batches_draw_from_the_diffusion_stream(setup):
+    """Every diffusion Task's batches, and the mask's, come from utils.epoch_generator(seed, epoch, "diffusion")."""
+    from salun_ext.diffusion.saliency import saliency_batches
+    from salun_ext.diffusion.tasks import EpsTask
+    from salun_ext.utils import epoch_generator
+
+    model, forget, retain = setup
+    task = EpsTask(model.spec, retain, batch_size=len(retain), seed=5)
+    order = torch.randperm(len(retain), generator=epoch_generator(5, 3, "diffusion"))
+    batch = next(iter(task.batches(3)))
+    assert torch.equal(batch["x0"], retain.x0[order].float())
+    other = next(iter(EpsTask(model.spec, retain, batch_size=len(retain), seed=5).batches(4)))
+    assert not torch.equal(batch["x0"], other["x0"])  # another epoch, other batches
+    first = next(saliency_batches(model.spec, forget, batch_size=len(forget), seed=2, device=torch.device("cpu")))
+    order = torch.randperm(len(forget), generator=epoch_generator(2, 0, "diffusion"))
+    assert torch.equal(first["x0"], forget.x0[order].float())
+
+
+def test_model_kind_defaults_treat_none_as_not_given():
+    from salun_ext.diffusion.recipes import default_setting, mask_settings, sample_guidance
+
+    assert mask_settings("ddpm") == mask_settings("ddpm", guidance_scale=None, batch_size=None)
+    assert (mask_settings("ddpm").guidance_scale, mask_settings("ddpm").batch_size) == (3.0, 128)
+    assert (mask_settings("sd").guidance_scale, mask_settings("sd").clip_grad_norm) == (8.5, None)
+    assert mask_settings("ddpm", guidance_scale=0.0).guidance_scale == 0.0  # 0 is a value, not "not given"
+    assert (sample_guidance("sd"), sample_guidance("ddpm", 0.0)) == (7.5, 0.0)
+    settings = (default_setting("ddpm"), default_setting("sd", "nudity"), default_setting("sd"))
+    assert settings == ("ddpm", "sd-nsfw", "sd")
+    with pytest.raises(ValueError, match="kind: expected one of ddpm, sd"):
+        mask_settings("imagen")

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from salun_ext.diffusion.methods import FMNTask, cross_attention_modules, esd_parameters, unlearn
+from salun_ext.diffusion.methods import unlearn
 from salun_ext.diffusion.saliency import diffusion_saliency
 from salun_ext.diffusion.sd import (
     PromptedImages,
@@ -24,6 +24,8 @@ from salun_ext.diffusion.sd import (
     load_pipeline,
     save_images,
 )
+from salun_ext.diffusion.tasks import FMNTask, cross_attention_modules, esd_parameters
+from salun_ext.train import RunOptions
 from tests.diffusion_helpers import load_tiny_sd, params_snapshot, random_images, tiny_pipeline_folder
 
 NUDE, CLOTHED = concept_prompts("nudity")
@@ -161,7 +163,8 @@ def _loss_on(task, unet, batches):
 @pytest.mark.parametrize("method", ["salun", "ga", "esd-x", "esd-u", "fmn"])
 def test_every_method_moves_its_loss(method, nsfw_sets):
     """Each method, run through `unlearn` (recipe + Engine), moves its own objective the right way."""
-    from salun_ext.diffusion.methods import make_task, recipe
+    from salun_ext.diffusion.methods import make_task
+    from salun_ext.diffusion.recipes import recipe
 
     sd = _fresh_sd()
     spec, forget, retain = nsfw_sets
@@ -189,8 +192,8 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
         max_steps=12,
         fmn_columns=cols,
         task_overrides={k: v for k, v in kw.items() if k in ("sample_steps", "batch_size", "eta")},
-        engine_overrides={"progress": False, "amp": "none"},
-        optimizer_overrides={"lr": lr},
+        options=RunOptions(progress=False, amp="none"),
+        lr=lr,
     )
     probe_task2, _ = make_task(method, spec, unet, forget, retain, kw, fmn_columns=cols, seed=11)
     if method.startswith("esd"):
@@ -225,8 +228,8 @@ def test_salun_sd_with_mask_and_pipeline_round_trip(tmp_path, nsfw_sets):
         retain,
         mask=mask,
         max_steps=2,
-        engine_overrides={"progress": False, "amp": "bf16"},
-        optimizer_overrides={"lr": 1e-3},
+        options=RunOptions(progress=False, amp="bf16"),
+        lr=1e-3,
     )
     for n, p in sd.unet.named_parameters():
         assert torch.equal(p[~mask.dense(n)], start[n][~mask.dense(n)]), n
@@ -248,5 +251,5 @@ def test_gradient_checkpointing_and_attention_slicing_train(nsfw_sets):
     spec, forget, retain = nsfw_sets
     start = params_snapshot(sd.unet)
     fit = unlearn("salun", "sd-nsfw", sd.unet, spec, forget, retain, max_steps=2,
-                  engine_overrides={"progress": False, "amp": "none"}, optimizer_overrides={"lr": 1e-3})  # fmt: skip
+                  options=RunOptions(progress=False, amp="none"), lr=1e-3)  # fmt: skip
     assert fit.steps == 2 and any(not torch.equal(p, start[n]) for n, p in sd.unet.named_parameters())

@@ -59,6 +59,40 @@ def test_ops_import_nothing_else_of_the_package():
             assert not outside, f"{module} imports {sorted(outside)}: the kernel layer imports nothing else"
 
 
+def test_only_the_kernel_layer_calls_the_raw_ops():
+    # every caller goes through the typed keyword-only wrappers of salun_ext.ops, never torch.ops.salun_ext.*
+    for module, tree in _modules().items():
+        if _part(module) == "ops":
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "salun_ext"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ops"
+            ):
+                raise AssertionError(f"{module}:{node.lineno} calls torch.ops.salun_ext directly; use salun_ext.ops")
+
+
+def test_saliency_modules_import_one_way_and_nothing_private():
+    # _threshold <- distributed <- local <- gradients (local imports distributed lazily); no cycle inside the part
+    allowed = {
+        "salun_ext.saliency._threshold": set(),
+        "salun_ext.saliency.distributed": {"salun_ext.saliency._threshold"},
+        "salun_ext.saliency.local": {"salun_ext.saliency._threshold", "salun_ext.saliency.distributed"},
+        "salun_ext.saliency.gradients": {"salun_ext.saliency._threshold", "salun_ext.saliency.local"},
+    }
+    modules = _modules()
+    for module, may_import in allowed.items():
+        tree = modules[module]
+        inside = {m for m in _imported(module, tree) if m.startswith("salun_ext.saliency.") and m in modules}
+        assert inside <= may_import, f"{module} imports {sorted(inside - may_import)}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("salun_ext"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module} imports private {private} from {node.module}"
+
+
 def test_only_the_cli_imports_the_cli():
     for module, tree in _modules().items():
         if _part(module) in ("cli", "__main__"):

@@ -1,9 +1,9 @@
 """Plain-PyTorch kernels of every op: the readable specification and the fallback.
 
 Each is registered by `@reference("<op>")` as the CompositeExplicitAutograd ("default") kernel of its op, so every
-device without a compiled kernel (or a process with SALUN_EXT_FORCE_REFERENCE=1) runs these. The compiled kernels must equal
-them bit for bit; tests/ call both and compare. Written for clarity, not speed: per tensor they allocate
-int64 keys (8 bytes per element of that tensor), never a concatenation of the whole list.
+device without a compiled kernel (or a process with SALUN_EXT_FORCE_REFERENCE=1) runs these. The compiled kernels
+must equal them bit for bit; tests/ops call both and compare. Written for clarity, not speed: per tensor they
+allocate int64 keys (8 bytes per element of that tensor), never a concatenation of the whole list.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
 
@@ -57,7 +58,7 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
                 steps = [it[2]["step"] for it in bucket]
                 torch._foreach_add_(steps, 1)
                 found = on_device(found_inf, device)
-                torch.ops.salun_ext.masked_adam_(
+                ops.masked_adam_(
                     [it[0] for it in bucket],
                     [it[1] for it in bucket],
                     [it[2]["exp_avg"] for it in bucket],
@@ -65,17 +66,17 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
                     [it[2]["max_exp_avg_sq"] for it in bucket] if amsgrad else [],
                     steps,
                     [it[3] for it in bucket],
-                    lr,
-                    on_device(lr_tensor, device),
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    group["weight_decay"],
-                    group["decoupled_weight_decay"],
-                    amsgrad,
-                    group["maximize"],
-                    on_device(grad_scale, device),
-                    found,
+                    lr=lr,
+                    lr_tensor=on_device(lr_tensor, device),
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    amsgrad=amsgrad,
+                    maximize=group["maximize"],
+                    grad_scale=on_device(grad_scale, device),
+                    found_inf=found,
                 )
                 if found is not None:  # a skipped step does not count (as torch's fused Adam)
                     torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
 
@@ -82,20 +83,20 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
                     chosen = [it for it in bucket if it[4] == first]
                     if not chosen:
                         continue
-                    torch.ops.salun_ext.masked_sgd_(
+                    ops.masked_sgd_(
                         [it[0] for it in chosen],
                         [it[1] for it in chosen],
                         [it[2] for it in chosen] if momentum != 0 else [],
                         [it[3] for it in chosen],
-                        lr,
-                        on_device(lr_tensor, device),
-                        momentum,
-                        group["dampening"],
-                        group["weight_decay"],
-                        group["nesterov"],
-                        group["maximize"],
-                        first,
-                        on_device(grad_scale, device),
-                        on_device(found_inf, device),
+                        lr=lr,
+                        lr_tensor=on_device(lr_tensor, device),
+                        momentum=momentum,
+                        dampening=group["dampening"],
+                        weight_decay=group["weight_decay"],
+                        nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                        first_step=first,
+                        grad_scale=on_device(grad_scale, device),
+                        found_inf=on_device(found_inf, device),
                     )
         return loss

@@ -28,6 +28,7 @@ from salun_ext.distributed.agreement import agree
 from salun_ext.distributed.runtime import Collectives
 from salun_ext.distributed.shards import Box, counted_part, global_positions, is_dtensor, tensor_box, to_local
 from salun_ext.mask import MaskShard, SaliencyMask
+from salun_ext.saliency._threshold import find_thresholds, named_tensors, nan_flag, ratio_to_k
 from salun_ext.utils.errors import UsageError
 
 LAYOUTS = ("replicated", "per_rank")
@@ -75,66 +76,23 @@ def distributed_saliency_masks(
     tensors). DTensors describe themselves (Shard / Replicate placements).
     stats: when given, receives the bytes this rank sent and the number of collectives (benchmarks).
     """
-    from salun_ext.saliency import _named_tensors, _nan_as_zero, find_thresholds, ratio_to_k
-
     comm = Collectives(process_group, timeout_s=timeout_s, what="saliency_masks")
     single = not isinstance(ratios, Sequence)
     ratio_list = [ratios] if single else list(ratios)
-
+    # every rank checks its input, then all of them agree (or all raise) before any histogram is reduced
     error: BaseException | None = None
     entries: list[_Entry] = []
     fields: dict[str, tuple[str, str]] = {}
     summary: dict = {}
+    nan_as_zero = False
     try:
-        if layout not in LAYOUTS:
-            raise UsageError(f"layout must be 'replicated' or 'per_rank', got {layout!r}")
-        if not ratio_list:
-            raise UsageError("saliency_masks: ratios is an empty sequence")
-        for r in ratio_list:
-            ratio_to_k(r, 0)  # type and range checks
-        nan_as_zero = _nan_as_zero(nan)
-        names, tensors = _named_tensors(grads)
-        has_dtensor = any(is_dtensor(t) for t in tensors)
-        if has_dtensor and layout == "per_rank":
-            raise UsageError("layout='per_rank' describes plain per-rank tensors; DTensors carry their own placement")
-        replicated_over = (comm.rank, comm.world) if layout == "replicated" else None
-        for i, (name, t) in enumerate(zip(names, tensors)):
-            box = tensor_box(t, name, replicated_over=replicated_over)
-            if is_dtensor(t):
-                _check_mesh(t, name, comm)
-            local = to_local(t)
-            entries.append(_Entry(name, local if local.is_contiguous() else local.contiguous(), box, i))
+        nan_as_zero = _check_options(ratio_list, nan, layout)
         options = f"ratios={[repr(float(r)) for r in ratio_list]} exact_k={exact_k} nan={nan} layout={layout}"
-        fields["ratios and options"] = (options, options)
-        if layout == "replicated":
-            structure = json.dumps(
-                [
-                    (e.name, list(e.box.global_shape), str(e.local.dtype), _placement_text(t))
-                    for e, t in zip(entries, tensors)
-                ]
-            )
-            numel = sum(e.box.global_shape.numel() for e in entries)
-            fields["parameter list"] = (structure, f"{len(entries)} tensors, {numel:,} elements")
-        summary = {
-            "tensors": len(entries),
-            "numel": sum(e.box.numel for e in entries),
-            "all16": all(e.local.dtype in (torch.bfloat16, torch.float16) for e in entries),
-        }
+        entries, fields, summary = _local_entries(grads, layout, comm, options)
     except (TypeError, ValueError, NotImplementedError) as exc:
         error = exc
     ranks = agree(comm, error=error, fields=fields, summary=summary)
-
-    if layout == "per_rank":
-        base = sum(r["tensors"] for r in ranks[: comm.rank])
-        total = sum(r["numel"] for r in ranks)
-        num_tensors = sum(r["tensors"] for r in ranks)
-        for e in entries:
-            e.index += base
-    else:
-        total = sum(e.box.global_shape.numel() for e in entries)
-        num_tensors = len(entries)
-    if total == 0:
-        raise UsageError("saliency_masks: every gradient is empty (0 elements in total)")
+    total, num_tensors = _global_counts(entries, ranks, layout, comm.rank)
     all_16bit = all(r["all16"] for r in ranks)
     for e in entries:
         counted = counted_part(e.box, e.local)
@@ -160,6 +118,68 @@ def distributed_saliency_masks(
     if stats is not None:
         stats.update(bytes_sent=comm.bytes_sent, collectives=comm.calls, tie_paths=paths)
     return masks[0] if single else masks
+
+
+def _check_options(ratio_list: list, nan: str, layout: str) -> bool:
+    """Validate layout, ratios and the NaN policy (before any collective); the kernels' nan_as_zero flag."""
+    if layout not in LAYOUTS:
+        raise UsageError(f"layout must be 'replicated' or 'per_rank', got {layout!r}")
+    if not ratio_list:
+        raise UsageError("saliency_masks: ratios is an empty sequence")
+    for r in ratio_list:
+        ratio_to_k(r, 0)  # type and range checks
+    return nan_flag(nan)
+
+
+def _local_entries(grads, layout: str, comm: Collectives, options: str) -> tuple[list[_Entry], dict, dict]:
+    """This rank's entries, the fields every rank must agree on, and the summary every rank shares.
+
+    The fields are compared in order and the first mismatch is reported: the options, then the parameter list.
+    """
+    names, tensors = named_tensors(grads)
+    has_dtensor = any(is_dtensor(t) for t in tensors)
+    if has_dtensor and layout == "per_rank":
+        raise UsageError("layout='per_rank' describes plain per-rank tensors; DTensors carry their own placement")
+    replicated_over = (comm.rank, comm.world) if layout == "replicated" else None
+    entries: list[_Entry] = []
+    for i, (name, t) in enumerate(zip(names, tensors)):
+        box = tensor_box(t, name, replicated_over=replicated_over)
+        if is_dtensor(t):
+            _check_mesh(t, name, comm)
+        local = to_local(t)
+        entries.append(_Entry(name, local if local.is_contiguous() else local.contiguous(), box, i))
+    fields: dict[str, tuple[str, str]] = {"ratios and options": (options, options)}
+    if layout == "replicated":
+        structure = json.dumps(
+            [
+                (e.name, list(e.box.global_shape), str(e.local.dtype), _placement_text(t))
+                for e, t in zip(entries, tensors)
+            ]
+        )
+        numel = sum(e.box.global_shape.numel() for e in entries)
+        fields["parameter list"] = (structure, f"{len(entries)} tensors, {numel:,} elements")
+    summary = {
+        "tensors": len(entries),
+        "numel": sum(e.box.numel for e in entries),
+        "all16": all(e.local.dtype in (torch.bfloat16, torch.float16) for e in entries),
+    }
+    return entries, fields, summary
+
+
+def _global_counts(entries: list[_Entry], ranks: list[dict], layout: str, rank: int) -> tuple[int, int]:
+    """(global element count, global tensor count); per_rank entries get their global list index."""
+    if layout == "per_rank":
+        base = sum(r["tensors"] for r in ranks[:rank])
+        total = sum(r["numel"] for r in ranks)
+        num_tensors = sum(r["tensors"] for r in ranks)
+        for e in entries:
+            e.index += base
+    else:
+        total = sum(e.box.global_shape.numel() for e in entries)
+        num_tensors = len(entries)
+    if total == 0:
+        raise UsageError("saliency_masks: every gradient is empty (0 elements in total)")
+    return total, num_tensors
 
 
 def _check_mesh(t: torch.Tensor, name: str, comm: Collectives) -> None:
@@ -242,7 +262,8 @@ def _mask_for_threshold(comm, entries, parts, th, exact_k, nan_as_zero, num_tens
 
 def _tie_histogram(t: torch.Tensor, key: int, nan_as_zero: bool) -> torch.Tensor:
     """0-d count of the elements of t whose key equals `key` (a 2-bin histogram pass; stays on the device)."""
-    return torch.ops.salun_ext.key_histogram([t], 0, 1, [key >> 1], nan_as_zero)[0, key & 1]
+    hist = ops.key_histogram([t], low_bit=0, num_bits=1, prefixes=[key >> 1], nan_as_zero=nan_as_zero)
+    return hist[0, key & 1]
 
 
 def _write(entries, key, limits, nan_as_zero, override=(None, None)) -> torch.Tensor:
@@ -254,7 +275,7 @@ def _write(entries, key, limits, nan_as_zero, override=(None, None)) -> torch.Te
 
     def flush():
         if run:
-            out.append(torch.ops.salun_ext.mask_words(run, key, run_limit, nan_as_zero))
+            out.append(ops.mask_words(run, threshold_key=key, tie_limit=run_limit, nan_as_zero=nan_as_zero))
             run.clear()
 
     for e, limit in zip(entries, limits):

@@ -10,8 +10,7 @@ from conftest import REQUIRE_NATIVE
 
 import salun_ext
 from salun_ext.ops import _reference
-from salun_ext.saliency import find_thresholds
-from salun_ext.saliency.local import DIGIT_WIDTHS
+from salun_ext.saliency import DIGIT_WIDTHS, find_thresholds
 from tests.helpers import DEVICES, VALUE_KINDS, id_formatter, nasty_list
 
 pytestmark = pytest.mark.skipif(

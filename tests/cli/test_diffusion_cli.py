@@ -150,13 +150,17 @@ def test_every_subcommand_takes_a_config_file(sub, tmp_path):
     assert parse_args(["diffusion", sub, *base, "--config", str(config), "--seed", "1"]).seed == 1
 
 
-def test_train_checkpoint_and_resume(tmp_path):
+def test_train_checkpoint_and_resume(tmp_path, capsys):
     args = f"train --dataset digits --image-size 8 --subset 32 --batch-size 16 --checkpoint-dir {tmp_path}/ck"
-    assert run(f"{args} --epochs 1 --out {tmp_path}/a") == 0
+    assert run(f"{args} --epochs 2 --out {tmp_path}/a") == 0
     assert (tmp_path / "ck" / "last.pt").exists()
+    capsys.readouterr()
+    # the cosine schedule spans the whole budget: a resume with another --epochs would mix two schedules
+    assert run(f"{args} --epochs 3 --resume --out {tmp_path}/b") == 2
+    assert "other settings (differ: budget)" in capsys.readouterr().err
     assert run(f"{args} --epochs 2 --resume --out {tmp_path}/b") == 0
     log = json.loads((tmp_path / "b" / "train_log.json").read_text())
-    assert [h["epoch"] for h in log["history"]] == [0, 1]  # epoch 0 came from the checkpoint
+    assert [h["epoch"] for h in log["history"]] == [0, 1]  # both epochs came from the checkpoint
 
 
 def test_stable_diffusion_cli(tmp_path, capsys):

@@ -19,6 +19,7 @@ import torch
 
 from salun_ext import ops
 from salun_ext.utils.errors import MissingFileError, UsageError
+from salun_ext.utils.files import write_safetensors
 
 FORMAT_NAME = "salun_ext.saliency_mask"
 FORMAT_VERSION = 1
@@ -350,9 +351,7 @@ class SaliencyMask:
 
     # ------------------------------------------------------------------ files
     def save(self, path: PathLike) -> None:
-        """Write a safetensors file: the words plus JSON metadata (no pickle)."""
-        from safetensors.torch import save_file
-
+        """Write a safetensors file (atomically, byte-reproducibly): the words plus JSON metadata (no pickle)."""
         metadata = {
             "format": FORMAT_NAME,
             "version": str(FORMAT_VERSION),
@@ -365,7 +364,7 @@ class SaliencyMask:
         }
         if self.shard is not None:
             metadata["shard"] = self.shard.to_json()
-        save_file({_WORDS_KEY: self.words.detach().cpu().contiguous()}, os.fspath(path), metadata=metadata)
+        write_safetensors({_WORDS_KEY: self.words.detach().cpu().contiguous()}, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: PathLike, device: torch.device | str = "cpu") -> SaliencyMask:
@@ -417,10 +416,14 @@ class SaliencyMask:
 
 
 def _check_padding_zero(mask: SaliencyMask, path: str) -> None:
+    """Padding bits must be 0: checked on the packed words (no unpacking: memory ~ one word per tensor)."""
     for name, shape in zip(mask.names, mask.shapes):
         n = math.prod(shape)
         seg = mask.segment(name)
-        if ops.popcount(seg) != int(ops.unpack_bits(seg, n).sum().item()):
+        full, rest = divmod(n, 32)
+        tail = seg[full + (1 if rest else 0) :]  # words holding padding bits only
+        partial = (int(seg[full].item()) & 0xFFFFFFFF) >> rest if rest else 0  # padding bits of the last word
+        if partial or bool(tail.any()):
             raise UsageError(f"{path}: corrupted mask: padding bits set in the segment of {name!r}")
 
 

@@ -43,9 +43,7 @@ def save_classifier(
     path: str | os.PathLike, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None
 ) -> None:
     """Write the model's state_dict (parameters and buffers) as safetensors with the spec in the metadata."""
-    from safetensors.torch import save_file
-
-    from salun_ext.utils import atomic_save
+    from salun_ext.utils.files import write_safetensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
@@ -54,7 +52,7 @@ def save_classifier(
         "spec": json.dumps(dataclasses.asdict(spec)),
         "extra": json.dumps(extra or {}),
     }
-    atomic_save(state, path, saver=lambda obj, tmp: save_file(obj, tmp, metadata=metadata))
+    write_safetensors(state, path, metadata=metadata)
 
 
 def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:

@@ -246,6 +246,14 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
+def _direction(grad: torch.Tensor, scale: float | None, maximize: bool) -> torch.Tensor:
+    """The fp32 gradient, unscaled (AMP) and negated for maximize, as every masked step starts."""
+    d = grad.float()
+    if scale is not None:
+        d = _div(d, scale)
+    return -d if maximize else d
+
+
 def _step_scalars(lr, lr_tensor, grad_scale, found_inf):
     """(skip, lr, inverse grad scale) with tensors read once, as the kernels do."""
     if found_inf is not None and float(found_inf.item()) != 0.0:
@@ -282,11 +290,7 @@ def masked_sgd_(
         return
     for p, g, buf, words in zip(params, grads, bufs, mask_words):
         salient = _salient(p, words)
-        p32, d = p.float(), g.float()
-        if scale is not None:
-            d = _div(d, scale)
-        if maximize:
-            d = -d
+        p32, d = p.float(), _direction(g, scale, maximize)
         if weight_decay != 0:
             d = d + weight_decay * p32
         if momentum != 0:
@@ -334,11 +338,7 @@ def masked_adam_(
     for p, g, m, v, vmax, step_t, words in zip(params, grads, exp_avgs, exp_avg_sqs, maxes, state_steps, mask_words):
         salient = _salient(p, words)
         step = float(step_t.item())
-        p32, d = p.float(), g.float()
-        if scale is not None:
-            d = _div(d, scale)
-        if maximize:
-            d = -d
+        p32, d = p.float(), _direction(g, scale, maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p32 = p32 * (1 - lr * weight_decay)

@@ -93,48 +93,13 @@ def _window_select_fake(grads, lo_key, hi_key, capacity, nan_as_zero):
     )
 
 
-@torch.library.register_fake("salun_ext::masked_sgd_")
-def _masked_sgd_fake(
-    params,
-    grads,
-    momentum_buffers,
-    mask_words,
-    lr,
-    lr_tensor,
-    momentum,
-    dampening,
-    weight_decay,
-    nesterov,
-    maximize,
-    first_step,
-    grad_scale,
-    found_inf,
-):
+def _in_place_fake(*args, **kwargs) -> None:
+    """The masked steps update their inputs in place and return nothing: no output to describe."""
     return None
 
 
-@torch.library.register_fake("salun_ext::masked_adam_")
-def _masked_adam_fake(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    mask_words,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    grad_scale,
-    found_inf,
-):
-    return None
+torch.library.register_fake("salun_ext::masked_sgd_")(_in_place_fake)
+torch.library.register_fake("salun_ext::masked_adam_")(_in_place_fake)
 
 
 def op_names() -> list[str]:

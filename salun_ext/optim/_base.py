@@ -24,6 +24,28 @@ class MaskedOptimizerMixin:
         decay and momentum keep moving "frozen" weights).
     """
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step: every check first (bad input loses nothing), then the paper's dense update on masked
+        gradients (compat) or the fused masked kernels, group by group (strict)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate()
+        if self.mode == "compat":
+            self._compat_prepare()
+            super().step()  # the torch optimizer's own dense step
+            return loss
+        grad_scale, found_inf = self._amp_args(self)
+        for group in self.param_groups:
+            self._strict_group_step(group, grad_scale, found_inf)
+        return loss
+
+    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
+        """The strict update of one parameter group (each optimizer's own kernel call)."""
+        raise NotImplementedError
+
     def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode) -> None:
         if mode not in ("strict", "compat"):
             raise UsageError(f"mode must be 'strict' or 'compat', got {mode!r}")

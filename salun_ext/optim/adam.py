@@ -12,75 +12,82 @@ from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
 class _MaskedAdamStep(MaskedOptimizerMixin):
     """The strict step shared by MaskedAdam and MaskedAdamW (they differ in defaults and decoupled weight decay)."""
 
-    def _check_hparams(self, lr, betas, eps, weight_decay) -> None:
-        check_finite(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+    DEFAULT_WEIGHT_DECAY = 0.0
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._validate()
-        if self.mode == "compat":
-            self._compat_prepare()
-            super().step()
-            return loss
-        grad_scale, found_inf = self._amp_args(self)
-        for group in self.param_groups:
-            amsgrad = group["amsgrad"]
-            beta1, beta2 = group["betas"]
-            lr, lr_tensor = lr_args(group["lr"])
-            items = []
-            for p in group["params"]:
-                words = self._words_for(p)
-                if p.grad is None or words is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    # the step count lives on the parameter's device so a step needs no host sync (capturable)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if amsgrad:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].device != p.device or state["step"].dtype != torch.float32:
-                    state["step"] = state["step"].to(p.device, torch.float32)  # e.g. from torch.optim.Adam
-                keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-                views = {}
-                for key in keys:
-                    state[key] = self._relayout(p, state[key])
-                    views[key] = self._kernel_view(p, state[key])
-                views["step"] = state["step"]
-                grad = self._kernel_view(p, self._relayout(p, p.grad))
-                items.append((self._kernel_view(p, p), grad, views, self._kernel_words_for(p, words)))
-            for device, bucket in self._by_device(items).items():
-                steps = [it[2]["step"] for it in bucket]
-                torch._foreach_add_(steps, 1)
-                found = on_device(found_inf, device)
-                ops.masked_adam_(
-                    [it[0] for it in bucket],
-                    [it[1] for it in bucket],
-                    [it[2]["exp_avg"] for it in bucket],
-                    [it[2]["exp_avg_sq"] for it in bucket],
-                    [it[2]["max_exp_avg_sq"] for it in bucket] if amsgrad else [],
-                    steps,
-                    [it[3] for it in bucket],
-                    lr=lr,
-                    lr_tensor=on_device(lr_tensor, device),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    amsgrad=amsgrad,
-                    maximize=group["maximize"],
-                    grad_scale=on_device(grad_scale, device),
-                    found_inf=found,
-                )
-                if found is not None:  # a skipped step does not count (as torch's fused Adam)
-                    torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
-        return loss
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        mask: MaskSpec | None = None,
+        unmasked: Unmasked | None = None,
+        mode: Mode = "strict",
+    ) -> None:
+        weight_decay = self.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
+        check_finite(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
+        self._init_masks(mask, unmasked, mode)
+
+    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = lr_args(group["lr"])
+        items = []
+        for p in group["params"]:
+            words = self._words_for(p)
+            if p.grad is None or words is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                # the step count lives on the parameter's device so a step needs no host sync (capturable)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if state["step"].device != p.device or state["step"].dtype != torch.float32:
+                state["step"] = state["step"].to(p.device, torch.float32)  # e.g. from torch.optim.Adam
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+            views = {}
+            for key in keys:
+                state[key] = self._relayout(p, state[key])
+                views[key] = self._kernel_view(p, state[key])
+            views["step"] = state["step"]
+            grad = self._kernel_view(p, self._relayout(p, p.grad))
+            items.append((self._kernel_view(p, p), grad, views, self._kernel_words_for(p, words)))
+        for device, bucket in self._by_device(items).items():
+            steps = [it[2]["step"] for it in bucket]
+            torch._foreach_add_(steps, 1)
+            found = on_device(found_inf, device)
+            ops.masked_adam_(
+                [it[0] for it in bucket],
+                [it[1] for it in bucket],
+                [it[2]["exp_avg"] for it in bucket],
+                [it[2]["exp_avg_sq"] for it in bucket],
+                [it[2]["max_exp_avg_sq"] for it in bucket] if amsgrad else [],
+                steps,
+                [it[3] for it in bucket],
+                lr=lr,
+                lr_tensor=on_device(lr_tensor, device),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                amsgrad=amsgrad,
+                maximize=group["maximize"],
+                grad_scale=on_device(grad_scale, device),
+                found_inf=found,
+            )
+            if found is not None:  # a skipped step does not count (as torch's fused Adam)
+                torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
@@ -89,25 +96,7 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     mask / unmasked / mode: as MaskedSGD. In strict mode the moments of non-salient entries stay 0 for ever.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        mask: MaskSpec | None = None,
-        unmasked: Unmasked | None = None,
-        mode: Mode = "strict",
-    ) -> None:
-        self._check_hparams(lr, betas, eps, weight_decay)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
-        )
-        self._init_masks(mask, unmasked, mode)
+    DEFAULT_WEIGHT_DECAY = 0.0  # torch.optim.Adam's (L2, added to the gradient)
 
 
 class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
@@ -116,22 +105,4 @@ class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     mask / unmasked / mode: as MaskedSGD. Decoupled weight decay applies to salient entries only (strict mode).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        mask: MaskSpec | None = None,
-        unmasked: Unmasked | None = None,
-        mode: Mode = "strict",
-    ) -> None:
-        self._check_hparams(lr, betas, eps, weight_decay)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
-        )
-        self._init_masks(mask, unmasked, mode)
+    DEFAULT_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's (decoupled)

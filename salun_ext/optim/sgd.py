@@ -47,56 +47,43 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
         )
         self._init_masks(mask, unmasked, mode)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._validate()
-        if self.mode == "compat":
-            self._compat_prepare()
-            super().step()
-            return loss
-        grad_scale, found_inf = self._amp_args(self)
-        for group in self.param_groups:
-            momentum = group["momentum"]
-            lr, lr_tensor = lr_args(group["lr"])
-            items = []
-            for p in group["params"]:
-                words = self._words_for(p)
-                if p.grad is None or words is None:
+    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
+        momentum = group["momentum"]
+        lr, lr_tensor = lr_args(group["lr"])
+        items = []
+        for p in group["params"]:
+            words = self._words_for(p)
+            if p.grad is None or words is None:
+                continue
+            buf, first = None, False
+            if momentum != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    first = True
+                buf = state["momentum_buffer"] = self._relayout(p, buf)
+                buf = self._kernel_view(p, buf)
+            grad = self._kernel_view(p, self._relayout(p, p.grad))
+            items.append((self._kernel_view(p, p), grad, buf, self._kernel_words_for(p, words), first))
+        for device, bucket in self._by_device(items).items():
+            for first in (True, False):  # new momentum buffers take the gradient itself (torch's first step)
+                chosen = [it for it in bucket if it[4] == first]
+                if not chosen:
                     continue
-                buf, first = None, False
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        first = True
-                    buf = state["momentum_buffer"] = self._relayout(p, buf)
-                    buf = self._kernel_view(p, buf)
-                grad = self._kernel_view(p, self._relayout(p, p.grad))
-                items.append((self._kernel_view(p, p), grad, buf, self._kernel_words_for(p, words), first))
-            for device, bucket in self._by_device(items).items():
-                for first in (True, False):
-                    chosen = [it for it in bucket if it[4] == first]
-                    if not chosen:
-                        continue
-                    ops.masked_sgd_(
-                        [it[0] for it in chosen],
-                        [it[1] for it in chosen],
-                        [it[2] for it in chosen] if momentum != 0 else [],
-                        [it[3] for it in chosen],
-                        lr=lr,
-                        lr_tensor=on_device(lr_tensor, device),
-                        momentum=momentum,
-                        dampening=group["dampening"],
-                        weight_decay=group["weight_decay"],
-                        nesterov=group["nesterov"],
-                        maximize=group["maximize"],
-                        first_step=first,
-                        grad_scale=on_device(grad_scale, device),
-                        found_inf=on_device(found_inf, device),
-                    )
-        return loss
+                ops.masked_sgd_(
+                    [it[0] for it in chosen],
+                    [it[1] for it in chosen],
+                    [it[2] for it in chosen] if momentum != 0 else [],
+                    [it[3] for it in chosen],
+                    lr=lr,
+                    lr_tensor=on_device(lr_tensor, device),
+                    momentum=momentum,
+                    dampening=group["dampening"],
+                    weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    first_step=first,
+                    grad_scale=on_device(grad_scale, device),
+                    found_inf=on_device(found_inf, device),
+                )

@@ -37,16 +37,23 @@ def run_fingerprint(engine: Any, extra: dict[str, Any] | None) -> dict[str, str]
         "seed": str(engine.config.seed),
         "processes": str(engine.world_size),
         "parameters": digest([(n, list(p.shape), str(p.dtype)) for n, p in engine.named_trained]),
-        "initial weights": state_digest(engine.model.state_dict().items()),
+        "initial weights": state_digest(_local_state(engine).items()),
         "mask": "none" if engine.mask is None else state_digest([("words", engine.mask.words)]),
     }
     fields.update({key: digest(value) for key, value in (extra or {}).items()})
     return fields
 
 
+def _local_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The model's state as this process holds it (FSDP2: its shards, as plain tensors)."""
+    from salun_ext.distributed.shards import to_local
+
+    return {name: to_local(t) if isinstance(t, torch.Tensor) else t for name, t in engine.model.state_dict().items()}
+
+
 def first_non_finite(engine: Any) -> str | None:
     """The name of the first parameter or floating buffer holding NaN or Inf (None when all are finite)."""
-    for name, t in engine.model.state_dict().items():
+    for name, t in _local_state(engine).items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None

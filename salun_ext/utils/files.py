@@ -51,9 +51,28 @@ def atomic_save(obj: Any, path: str | os.PathLike, saver: Callable = torch.save)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
             raise OutputError(f"{path}: could not be written ({exc.strerror}); nothing was replaced") from None
         raise
+    except RuntimeError as exc:  # torch.save's C++ writer reports a failed write without an errno
+        if _failed_write(exc):
+            raise OutputError(
+                f"{path}: could not be written (the write failed: no space left on the device, or a file-size "
+                "limit); nothing was replaced"
+            ) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")
+
+
+def _failed_write(exc: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised while handling) is torch's report of a failed file write."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _WRITE_FAILURES):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -176,3 +195,22 @@ def check_output_folder(folder: str | os.PathLike, *, what: str = "--out", need_
             f"{what} {folder}: {free / 2**20:.1f} MiB free, the run needs about {need_bytes / 2**20:.1f} MiB"
         )
     return folder
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, metadata: dict[str, str]) -> None:
+    """Atomically write a safetensors file whose bytes depend only on its contents: the header (tensor table and
+    metadata) is written with sorted keys, where safetensors itself follows hash-map order."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    data = len(text).to_bytes(8, "little") + text + raw[8 + length :]
+
+    def dump(payload: bytes, target: str) -> None:
+        with open(target, "wb") as f:
+            f.write(payload)
+
+    atomic_save(data, path, saver=dump)

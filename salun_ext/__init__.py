@@ -15,8 +15,8 @@ from __future__ import annotations
 from salun_ext import ops
 from salun_ext.mask import SaliencyMask
 from salun_ext.saliency import compute_saliency, saliency_masks, select_parameters
+from salun_ext.utils.version import __version__
 
-__version__ = "0.1.0"
 native = ops.STATUS
 
 __all__ = [

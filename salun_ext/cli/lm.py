@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+from typing import Any
 
 from salun_ext.cli.config import add_config_flag
 from salun_ext.cli.distributed_args import add_distributed_args, distributed_session
@@ -71,34 +71,23 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     add_distributed_args(p)
 
 
-def _load(args, ctx, *, gradient_checkpointing: bool = False):
-    from salun_ext.lm import load_causal_lm, load_texts
+def _source(args) -> Any:
+    from salun_ext.lm.workflows import TextSource
 
-    forget = load_texts(args.forget)
-    retain = load_texts(args.retain) if args.retain else None
-    model, tokenizer = load_causal_lm(
+    return TextSource(
         args.model,
+        args.forget,
+        args.retain,
         dtype=args.dtype,
-        device=ctx.device,
-        gradient_checkpointing=gradient_checkpointing,
         trust_remote_code=args.trust_remote_code,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
     )
-    return model, tokenizer, forget, retain
 
 
-def _evaluate(model, tokenizer, forget, retain, args) -> dict:
-    from salun_ext.lm import encode, evaluate_lm
+def _evaluation(args) -> Any:
+    from salun_ext.lm.workflows import Evaluation
 
-    return evaluate_lm(
-        model,
-        tokenizer,
-        encode(forget, tokenizer, args.max_length),
-        encode(retain, tokenizer, args.max_length) if retain else None,
-        batch_size=args.eval_batch_size,
-        amp=args.amp,
-        prompt_tokens=args.prompt_tokens,
-        completion_tokens=args.completion_tokens,
-    )
+    return Evaluation(args.eval_batch_size, args.max_length, args.amp, args.prompt_tokens, args.completion_tokens)
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -116,29 +105,33 @@ def _print_metrics(title: str, metrics: dict) -> None:
     )
 
 
+def _config(args):
+    from salun_ext.lm import LMUnlearnConfig
+
+    return LMUnlearnConfig(
+        method=args.method,
+        mask_ratio=None if (args.no_mask or args.mask) else args.mask_ratio,
+        beta=args.beta,
+        forget_weight=args.forget_weight,
+        retain_weight=args.retain_weight,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        epochs=None if args.max_steps is not None and args.epochs is None else args.epochs,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        grad_clip=args.grad_clip or None,
+        saliency_batches=args.saliency_batches,
+    )
+
+
 def run_unlearn(args: argparse.Namespace) -> int:
-    from salun_ext.distributed import load_mask, main_print, save_mask
-    from salun_ext.lm import LMUnlearnConfig, save_causal_lm, unlearn_lm
+    from salun_ext.distributed import main_print
+    from salun_ext.lm.workflows import unlearn_folder
     from salun_ext.train import RunOptions
-    from salun_ext.utils import UsageError, write_json
 
     with distributed_session(args) as ctx:
-        config = LMUnlearnConfig(
-            method=args.method,
-            mask_ratio=None if (args.no_mask or args.mask) else args.mask_ratio,
-            beta=args.beta,
-            forget_weight=args.forget_weight,
-            retain_weight=args.retain_weight,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            epochs=None if args.max_steps is not None and args.epochs is None else args.epochs,
-            max_steps=args.max_steps,
-            warmup_steps=args.warmup_steps,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            grad_clip=args.grad_clip or None,
-            saliency_batches=args.saliency_batches,
-        )
         options = RunOptions(
             device=str(ctx.device),
             seed=args.seed,
@@ -149,53 +142,29 @@ def run_unlearn(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             distributed=ctx.engine_mode,
         )
-        model, tokenizer, forget, retain = _load(args, ctx, gradient_checkpointing=args.gradient_checkpointing)
-        mask_path = os.path.join(args.out, "mask.safetensors")
-        mask = None
-        if args.mask:
-            mask = load_mask(args.mask, params=model.named_parameters())
-        elif args.resume and config.mask_ratio is not None and os.path.exists(mask_path):
-            mask = load_mask(mask_path)  # the mask of the interrupted run (computed on the same initial model)
-            if mask.ratio != config.mask_ratio:
-                raise UsageError(
-                    f"{mask_path}: saved for mask ratio {mask.ratio}, but --mask-ratio is {config.mask_ratio}"
-                )
-        metrics: dict = {
-            "config": dataclasses.asdict(config),
-            "seed": args.seed,
-            "amp": args.amp,
-            "model": args.model,
-            "world_size": ctx.world_size,
-        }
-        if args.eval == "both":
-            metrics["before"] = _evaluate(model, tokenizer, forget, retain, args)
-            _print_metrics("before unlearning:", metrics["before"])
-        result = unlearn_lm(model, tokenizer, forget, retain, config, options, mask=mask)
-        if result.mask is not None:
-            if mask is None:
-                save_mask(result.mask, mask_path)
-            metrics["mask"] = {"ratio": result.mask.ratio, "k": result.mask.k, "seconds": result.mask_seconds}
-        fit = result.fit  # seconds: every segment of a resumed run
-        metrics["train"] = {"seconds": fit.seconds, "steps": fit.steps, "history": fit.history}
-        metrics["train"].update(resumed=fit.resumed, segments_seconds=fit.segments)
-        if args.eval != "none":
-            metrics["after"] = _evaluate(model, tokenizer, forget, retain, args)
-            _print_metrics("after unlearning:", metrics["after"])
-        if ctx.is_main:
-            save_causal_lm(model, tokenizer, os.path.join(args.out, "model"))
-            write_json(metrics, os.path.join(args.out, "metrics.json"))
-            main_print(f"unlearned model, mask and metrics written to {args.out}")
-        ctx.barrier()
+        unlearn_folder(
+            _source(args),
+            _config(args),
+            options,
+            args.out,
+            evaluation=_evaluation(args),
+            mask_file=args.mask,
+            evaluate=args.eval,
+            ctx=ctx,
+            report=_print_metrics,
+        )
+        main_print(f"unlearned model, mask and metrics written to {args.out}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from salun_ext.lm.workflows import evaluate_texts
+    from salun_ext.utils import write_json
+
     with distributed_session(args) as ctx:
-        model, tokenizer, forget, retain = _load(args, ctx)
-        metrics = _evaluate(model, tokenizer, forget, retain, args)
+        model, tokenizer, forget, retain = _source(args).load(ctx.device)
+        metrics = evaluate_texts(model, tokenizer, forget, retain, _evaluation(args))
         _print_metrics(f"{args.model}:", metrics)
         if args.out and ctx.is_main:
-            from salun_ext.utils import write_json
-
             write_json(metrics, args.out)
     return 0

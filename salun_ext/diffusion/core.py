@@ -231,6 +231,15 @@ class DiffusionSet:
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         return (mean + std * torch.randn(mean.shape, generator=generator)) * self.latent_scale
 
+    def digest(self) -> str:
+        """What identifies these examples (contents of x0, ids, target ids; the latent scale)."""
+        from salun_ext.utils.fingerprint import digest, state_digest
+
+        parts = [("x0", self.x0), ("ids", self.ids)]
+        if self.target_ids is not None:
+            parts.append(("target_ids", self.target_ids))
+        return digest([state_digest(parts), self.latent_scale])
+
     def subset(self, keep: torch.Tensor) -> DiffusionSet:
         return DiffusionSet(
             self.x0[keep],

@@ -29,6 +29,7 @@ from salun_ext.train.engine import OptimConfig
 from salun_ext.train.options import RunOptions, TrainRecipe
 from salun_ext.utils import atomic_save, resolve_device
 from salun_ext.utils.errors import MissingFileError, UsageError
+from salun_ext.utils.files import read_tensor_file
 
 PathLike = str | os.PathLike
 
@@ -81,7 +82,7 @@ def scoring_classifier(
         if not path.is_file():
             raise MissingFileError(f"classifier: expected a state_dict file, got {str(path)!r} (not found)")
         clf = build_model(arch, dataset.channels, dataset.num_classes, image_size)
-        clf.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        clf.load_state_dict(read_tensor_file(path, "classifier"))
         return clf.to(resolve_device(options.device)).eval()
     clf = train_scoring_classifier(dataset, image_size, options, epochs=epochs, arch=arch)
     if save is not None:
@@ -392,7 +393,7 @@ def torchvision_classifier(arch: str, weights: PathLike, *, num_classes: int = 1
     if not path.is_file():
         raise MissingFileError(f"weights: classifier weights not found: {path}")
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "weights")
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -172,8 +172,11 @@ def run_task(
     params: Params = None,
     on_done: Callable[[], None] | None = None,
     desc: str = "train",
+    fingerprint: dict[str, Any] | None = None,
 ) -> FitResult:
     """Fit `task` on `unet` (salun_ext.train.fit): only `params` (default: all) train, the rest are frozen for the run.
+
+    fingerprint: what else determines the result (method, task keywords, data): checked when a run resumes.
 
     A mask over the whole UNet is restricted to the trained parameters, so one SalUn mask serves ESD-x as well.
     """
@@ -185,7 +188,7 @@ def run_task(
     if mask is not None:
         mask = mask.subset([n for n, _ in named if n in mask])
     try:
-        return fit(unet, task, train, options, mask=mask, params=named, desc=desc)
+        return fit(unet, task, train, options, mask=mask, params=named, desc=desc, fingerprint=fingerprint)
     finally:
         for n, p in unet.named_parameters():
             p.requires_grad_(saved[n])
@@ -229,7 +232,12 @@ def unlearn(
         train = train.replace(max_steps=max_steps, epochs=epochs)
     task, params = make_task(name, spec, unet, forget, retain, r.task, fmn_columns=fmn_columns, seed=options.seed)
     on_done = getattr(task, "remove", None)  # FMN's attention probes
-    return run_task(unet, task, train, options, mask=mask, params=params, on_done=on_done, desc=name)
+    fingerprint = None
+    if options.checkpoint_dir:  # a resume must match the method, its setting and task keywords, and the data
+        data = [forget.digest(), retain.digest() if retain is not None else None, list(fmn_columns or [])]
+        fingerprint = {"method": [name, setting], "task": r.task, "data": data}
+    return run_task(unet, task, train, options, mask=mask, params=params, on_done=on_done, desc=name,
+                    fingerprint=fingerprint)  # fmt: skip
 
 
 def _given(values: dict[str, Any] | None) -> dict[str, Any]:

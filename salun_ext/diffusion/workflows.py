@@ -34,7 +34,7 @@ from salun_ext.diffusion.tasks import EpsTask
 from salun_ext.mask import SaliencyMask
 from salun_ext.train.engine import FitResult
 from salun_ext.train.options import RunOptions, TrainRecipe
-from salun_ext.utils import write_json
+from salun_ext.utils import OutputFolder, write_json
 from salun_ext.utils.errors import UsageError, check_choice, usage_error
 
 DEFAULT_DATASET = "digits"  # what `diffusion train` trains on unless told
@@ -53,6 +53,13 @@ def _ctx(ctx: Any) -> Any:
     return ctx if ctx is not None else _OneProcess()
 
 
+def _output(out: str | Path, ctx: Any):
+    """`out` checked and locked for the run on the rank that writes (salun_ext.utils.OutputFolder)."""
+    import contextlib
+
+    return OutputFolder(out, what="--out") if ctx.is_main else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------------- train
 
 
@@ -61,7 +68,8 @@ def train_ddpm(
 ) -> FitResult:
     """Train `model` in place with the standard eps-MSE (EpsTask: cond_drop 0.1, antithetic t) on `data`."""
     task = EpsTask(model.spec, data, batch_size=batch_size, seed=options.seed)
-    return run_task(model.unet, task, recipe, options, desc="ddpm")
+    fingerprint = {"task": ["eps", batch_size], "data": data.digest()} if options.checkpoint_dir else None
+    return run_task(model.unet, task, recipe, options, desc="ddpm", fingerprint=fingerprint)
 
 
 @dataclasses.dataclass
@@ -85,6 +93,11 @@ class DDPMTraining:
 def train_ddpm_folder(spec: DDPMTraining, out: str | Path, options: RunOptions, *, ctx: Any = None) -> FitResult:
     """Train a DDPM as `spec` says and (rank 0) write it to `out` with train_log.json."""
     ctx = _ctx(ctx)
+    with _output(out, ctx):
+        return _train_ddpm_folder(spec, out, options, ctx)
+
+
+def _train_ddpm_folder(spec: DDPMTraining, out: str | Path, options: RunOptions, ctx: Any) -> FitResult:
     from salun_ext.data import load_dataset
 
     dataset = load_dataset(spec.dataset or DEFAULT_DATASET, spec.data_root, train=True)
@@ -98,6 +111,7 @@ def train_ddpm_folder(spec: DDPMTraining, out: str | Path, options: RunOptions, 
     if ctx.is_main:
         model.save_pretrained(out)
         log = {"history": fit.history, "seconds": fit.seconds, "excluded": excluded, "world_size": ctx.world_size}
+        log.update(resumed=fit.resumed, segments_seconds=fit.segments)
         write_json(log, Path(out) / "train_log.json")
     ctx.barrier()
     return fit
@@ -216,10 +230,17 @@ def unlearn_folder(
     source: ModelSource, data: ForgetData, spec: UnlearnSpec, out: str | Path, options: RunOptions, *, ctx: Any = None
 ) -> tuple[FitResult, str]:
     """Unlearn with `spec.method` and (rank 0) write the model to `out` with unlearn_log.json; (fit, setting)."""
-    from salun_ext.diffusion.sharding import shard_unet, unshard_for_saving
-
     ctx = _ctx(ctx)
     _check_fsdp(options, ctx)
+    with _output(out, ctx):
+        return _unlearn_folder(source, data, spec, out, options, ctx)
+
+
+def _unlearn_folder(
+    source: ModelSource, data: ForgetData, spec: UnlearnSpec, out: str | Path, options: RunOptions, ctx: Any
+) -> tuple[FitResult, str]:
+    from salun_ext.diffusion.sharding import shard_unet, unshard_for_saving
+
     sharded = options.distributed == "fsdp"
     if sharded:
         check_shardable(spec.method)
@@ -241,6 +262,7 @@ def unlearn_folder(
     if ctx.is_main:
         owner.save_pretrained(out)
         log = {"method": spec.method, "setting": setting, "history": fit.history, "seconds": fit.seconds}
+        log.update(resumed=fit.resumed, segments_seconds=fit.segments)
         write_json({**log, "mask": spec.mask, "world_size": ctx.world_size}, Path(out) / "unlearn_log.json")
     ctx.barrier()
     return fit, setting

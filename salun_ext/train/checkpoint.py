@@ -4,7 +4,8 @@ determines its result, so a resume with other settings is refused instead of mix
 The fingerprint holds digests of: the recipe (optimizer, lr, schedule, clipping, precision; the budget only where the
 schedule depends on it, so an interrupted run may be resumed with a larger budget), the seed,
 the number of processes, the trained parameters (names, shapes, dtypes), the model's weights when the run
-started (content), the mask (content), and whatever the caller adds (the method, its hyperparameters, the data).
+started (content), the mask (content), the library version, and whatever the caller adds (the method, its
+hyperparameters, the data).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from salun_ext.utils import atomic_save
 from salun_ext.utils.errors import UsageError
 from salun_ext.utils.fingerprint import differing_fields, digest, state_digest
+from salun_ext.utils.version import __version__
 
 CHECKPOINT_FORMAT = "salun_ext.engine_checkpoint.v2"
 # recipe fields of EngineConfig that do not change what a run computes
@@ -39,6 +41,7 @@ def run_fingerprint(engine: Any, extra: dict[str, Any] | None) -> dict[str, str]
         "parameters": digest([(n, list(p.shape), str(p.dtype)) for n, p in engine.named_trained]),
         "initial weights": state_digest(_local_state(engine).items()),
         "mask": "none" if engine.mask is None else state_digest([("words", engine.mask.words)]),
+        "library": __version__,
     }
     fields.update({key: digest(value) for key, value in (extra or {}).items()})
     return fields

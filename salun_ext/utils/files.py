@@ -133,8 +133,10 @@ class OutputFolder:
         self.what = what
         self.need_bytes = need_bytes
         self._lock = None
+        self._created = False
 
     def __enter__(self) -> OutputFolder:
+        self._created = not self.folder.exists()
         self._check()
         import fcntl
 
@@ -163,6 +165,9 @@ class OutputFolder:
             self._lock.truncate()
             self._lock.close()  # closing releases the flock
             self._lock = None
+            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:  # nothing was written
+                os.remove(self.folder / LOCK_NAME)
+                self.folder.rmdir()
 
     def _check(self) -> None:
         check_output_folder(self.folder, what=self.what, need_bytes=self.need_bytes)
@@ -214,3 +219,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
             f.write(payload)
 
     atomic_save(data, path, saver=dump)
+
+
+def read_tensor_file(path: str | os.PathLike, what: str) -> Any:
+    """A torch.save file holding tensors only (weights_only: never code), or one UsageError line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding objects beyond tensors (a pickle payload)
+        raise UsageError(
+            f"{what} {path}: not a readable file of tensors ({type(exc).__name__}; truncated, corrupt, or holding "
+            "objects other than tensors, which are never unpickled)"
+        ) from None

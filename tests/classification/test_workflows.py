@@ -55,3 +55,16 @@ def test_the_cli_and_reproduce_share_one_record(tmp_path):
     assert set(records[0]) == {"method", "label", "config", "rte_seconds", "info", "history", "split", "metrics"}
     assert records[0]["metrics"] == records[1]["metrics"]  # the same inputs give the same numbers
     assert records[0]["split"]["forget"] == len(split.forget) and torch.is_tensor(split.forget.labels)
+
+
+def test_a_model_with_nan_weights_is_refused_before_the_mia():
+    from salun_ext.classification.evaluation import evaluate_unlearning
+
+    train, test = load_train_test("digits")
+    split = forget_split(train, test, ratio=0.1, forget_seed=1)
+    model = ModelSpec("small_cnn", 1, 10, 8, {"width": 8}).build()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    name = next(n for n, _ in model.named_parameters())
+    with pytest.raises(UsageError, match=rf"'{name}' holds NaN or Inf"):
+        evaluate_unlearning(model, split.forget, split.retain, split.test)

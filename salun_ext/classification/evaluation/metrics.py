@@ -157,7 +157,15 @@ def evaluate_unlearning(
     mia_shadow_size: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """UA, RA, TA, MIA (= MIA-Efficacy with the confidence feature) and MIA_<feature> for the others, in %."""
+    """UA, RA, TA, MIA (= MIA-Efficacy with the confidence feature) and MIA_<feature> for the others, in %.
+
+    A model with NaN / Inf weights is refused up front (naming the tensor): its probabilities would be NaN, and
+    the MIA's SVC would fail deep inside scikit-learn.
+    """
+    state = model.state_dict().items()
+    bad = next((n for n, t in state if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UsageError(f"model: {bad!r} holds NaN or Inf values; there is nothing meaningful to evaluate")
     probs = {
         name: (predict_proba(model, ds, batch_size=batch_size), ds.labels.cpu())
         for name, ds in (("forget", forget), ("retain", retain), ("test", test))

@@ -169,6 +169,12 @@ def test_malicious_pickles_never_execute(tmp_path):
         salun_ext.SaliencyMask.from_upstream(evil)
     with pytest.raises(ValueError, match="not a readable file of tensors"):
         torchvision_classifier("resnet18", evil)
+    from salun_ext.data import load_dataset
+    from salun_ext.diffusion.evaluation import scoring_classifier
+    from salun_ext.train import RunOptions
+
+    with pytest.raises(ValueError, match=r"classifier .*not a readable file of tensors"):
+        scoring_classifier(load_dataset("digits"), 8, RunOptions(device="cpu"), load=evil)
     assert not marker.exists(), "a pickle executed code"
 
 

@@ -119,8 +119,22 @@ def init_distributed(
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # a rank that never came up: gloo / the TCP store time out with their own words
+        if not _is_start_up_timeout(exc):
+            raise
+        raise DistributedError(
+            f"rank {rank}: the {world} processes did not all join the process group within {timeout_s:g} s "
+            f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): a rank "
+            "failed or froze at start-up; its own log says why (raise --dist-timeout for slow starts)"
+        ) from exc
     return DistContext(rank, world, local_rank, dev, backend, dist.group.WORLD, owns_group=True)
+
+
+def _is_start_up_timeout(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("timeout", "timed out", "deadline", "wait timeout"))
 
 
 def _env_int(name: str, default: int | None = None) -> int:

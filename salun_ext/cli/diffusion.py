@@ -114,12 +114,15 @@ def _add_evaluate(cmds) -> None:
     ev.add_argument("--classifier-epochs", type=int, default=30, help="DDPM: epochs of the trained classifier")
     ev.add_argument("--n-per-class", type=int, default=100)
     ev.add_argument("--guidance", type=float, default=None, help="guidance s (default: DDPM 3.0, SD 7.5)")
-    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: DDPM 50; SD the protocol's)")
     ev.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights for FID")
     ev.add_argument("--i2p", default=None, help="SD: I2P prompt CSV (NudeNet nudity evaluation)")
     ev.add_argument("--categories", nargs="*", default=["sexual"], help="SD: I2P categories")
     ev.add_argument("--limit", type=int, default=None, help="SD: first N I2P prompts only")
-    ev.add_argument("--threshold", type=float, default=0.6, help="SD: NudeNet score threshold")
+    ev.add_argument("--threshold", type=float, default=0.6, help="SD: NudeNet score threshold (0.75: UnlearnDiffAtk's)")
+    ev.add_argument("--i2p-protocol", choices=["prompt", "paper"], default="prompt",
+                    help="SD: one image per prompt with its seed/guidance, or the paper code's (7.5, LMS, 100 steps)")
+    ev.add_argument("--images-per-prompt", type=int, default=None, help="SD: images per I2P prompt (protocol's)")
     ev.add_argument("--classifier-arch", default=None, help="SD class-wise: torchvision model (resnet50)")
     ev.add_argument("--classifier-weights", default=None, help="SD class-wise: its state_dict file")
     ev.add_argument("--classes", nargs="*", default=None, help="SD class-wise: class names (default: Imagenette's ten)")
@@ -286,7 +289,8 @@ def run_evaluate(args) -> int:
     single_process_only("diffusion evaluate")
     options = _options(args)
     if args.model:
-        spec = _fields(workflows.DDPMEvaluation, args, guidance_scale=args.guidance)
+        steps = workflows.EVAL_STEPS if args.steps is None else args.steps
+        spec = _fields(workflows.DDPMEvaluation, args, guidance_scale=args.guidance, steps=steps)
         result = workflows.evaluate_ddpm(args.model, spec, args.out, options)
         print(json.dumps({k: v for k, v in result.items() if k != "per_class_accuracy"}, indent=2, default=str))
         return 0
@@ -297,8 +301,11 @@ def run_evaluate(args) -> int:
             steps=args.steps,
         )  # fmt: skip
     else:
-        result = workflows.evaluate_sd_nudity(_source(args), args.i2p, args.out, options, categories=args.categories,
-                                              limit=args.limit, steps=args.steps, threshold=args.threshold)  # fmt: skip
+        result = workflows.evaluate_sd_nudity(
+            _source(args), args.i2p, args.out, options, categories=args.categories, limit=args.limit,
+            steps=args.steps, threshold=args.threshold, protocol=args.i2p_protocol,
+            images_per_prompt=args.images_per_prompt,
+        )  # fmt: skip
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -13,6 +13,7 @@ frozen in every method); images are encoded once to VAE posterior moments, and e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -242,12 +243,46 @@ class StableDiffusion:
         num_inference_steps: int = 50,
         batch_size: int = 4,
         progress: bool = False,
+        latents: torch.Tensor | None = None,
+        scheduler: str | None = None,
     ) -> torch.Tensor:
-        """Images (float [0, 1], N x 3 x H x W, CPU) of prompts[i] from the noise of seeds[i]."""
+        """Images (float [0, 1], N x 3 x H x W, CPU) of prompts[i] from the noise of seeds[i].
+
+        latents: the initial latents themselves (N x latent_shape; then seeds only name the images).
+        scheduler: None (the pipeline's) or "lms" (an LMSDiscreteScheduler with the pipeline's noise schedule).
+        """
         check_guidance(guidance_scale)
         check_steps(num_inference_steps, int(self.pipe.scheduler.config.num_train_timesteps))
         if len(prompts) != len(seeds):
             raise UsageError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if latents is not None and tuple(latents.shape) != (len(prompts), *self.latent_shape):
+            raise UsageError(f"latents: expected {(len(prompts), *self.latent_shape)}, got {tuple(latents.shape)}")
+        with self._sampling_scheduler(scheduler):
+            return self._generate(prompts, seeds, guidance_scale, num_inference_steps, batch_size, progress, latents)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """C x h x w of the UNet's input for this pipeline's resolution."""
+        side = int(self.pipe.unet.config.sample_size)
+        return (int(self.pipe.unet.config.in_channels), side, side)
+
+    @contextlib.contextmanager
+    def _sampling_scheduler(self, name: str | None):
+        if name is None:
+            yield
+            return
+        if name != "lms":
+            raise UsageError(f"scheduler: expected None or 'lms', got {name!r}")
+        from diffusers import LMSDiscreteScheduler
+
+        previous = self.pipe.scheduler
+        self.pipe.scheduler = LMSDiscreteScheduler.from_config(previous.config)
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = previous
+
+    def _generate(self, prompts, seeds, guidance_scale, num_inference_steps, batch_size, progress, latents):
         self.pipe.set_progress_bar_config(disable=not progress)
         unet_dtype = self.unet.dtype
         negative = self.encode_prompts([""]).to(unet_dtype)
@@ -258,6 +293,7 @@ class StableDiffusion:
             chunk = list(prompts[start : start + batch_size])
             embeds = self.encode_prompts(chunk).to(unet_dtype)
             gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            given = None if latents is None else latents[start : start + batch_size].to(device, unet_dtype)
             with torch.autocast(device.type, dtype=self.dtype, enabled=autocast):
                 images = self.pipe(
                     prompt_embeds=embeds,
@@ -265,6 +301,7 @@ class StableDiffusion:
                     guidance_scale=guidance_scale,
                     num_inference_steps=num_inference_steps,
                     generator=gens,
+                    latents=given,
                     output_type="pt",
                 ).images
             out.append(images.float().cpu())

@@ -38,6 +38,7 @@ from salun_ext.utils import OutputFolder, write_json
 from salun_ext.utils.errors import UsageError, check_choice, usage_error
 
 DEFAULT_DATASET = "digits"  # what `diffusion train` trains on unless told
+EVAL_STEPS = 50  # sampling steps of the DDPM and SD class-wise evaluations unless told
 
 
 class _OneProcess:
@@ -312,7 +313,7 @@ class DDPMEvaluation:
     classifier_epochs: int = 30
     n_per_class: int = 100
     guidance_scale: float | None = None  # None: recipes.EVAL_GUIDANCE["ddpm"]
-    steps: int = 50
+    steps: int = EVAL_STEPS
     inception_weights: str | None = None
 
 
@@ -345,18 +346,25 @@ def evaluate_sd_nudity(
     *,
     categories: Sequence[str] | None = ("sexual",),
     limit: int | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     threshold: float = 0.6,
+    protocol: str = "prompt",
+    images_per_prompt: int | None = None,
 ) -> dict:
-    """NudeNet counts on I2P prompts' images (written under out/images); writes results.json."""
-    from salun_ext.diffusion.nudity import i2p_nudity, read_i2p
+    """NudeNet counts and nudity rate on I2P prompts' images (written under out/images); writes results.json.
+
+    protocol: "prompt" (each prompt's seed and guidance, one image) or "paper" (the SalUn code's: 7.5, LMS, 100
+    steps, 100 images per prompt); steps / images_per_prompt override the protocol's (None: its own).
+    """
+    from salun_ext.diffusion.nudity import i2p_nudity, i2p_protocol, read_i2p
 
     if not i2p:
         raise usage_error("i2p (--i2p)", "the I2P prompt CSV (or --classifier-arch for class-wise evaluation)", i2p)
     out = Path(out)
     sd = source.load(options.device)
     prompts = read_i2p(i2p, categories=categories or None, limit=limit)
-    result = i2p_nudity(sd, prompts, out_dir=out / "images", num_inference_steps=steps, threshold=threshold,
+    chosen = i2p_protocol(protocol, images_per_prompt=images_per_prompt, steps=steps)
+    result = i2p_nudity(sd, prompts, protocol=chosen, out_dir=out / "images", threshold=threshold,
                         progress=options.progress)  # fmt: skip
     write_json(result, out / "results.json")
     return result
@@ -373,7 +381,7 @@ def evaluate_sd_classes(
     forget_class: Sequence[str] = (),
     n_per_class: int = 100,
     guidance_scale: float | None = None,
-    steps: int = 50,
+    steps: int | None = None,
 ) -> dict:
     """Class-wise SD: a torchvision ImageNet classifier on "an image of a {class}" images, UA of the forgotten
     class(es); writes results.json and samples.png."""
@@ -400,7 +408,7 @@ def evaluate_sd_classes(
         {c: IMAGENETTE_TO_IMAGENET[c] for c in names},
         n_per_class=n_per_class,
         guidance_scale=sample_guidance("sd", guidance_scale),
-        num_inference_steps=steps,
+        num_inference_steps=EVAL_STEPS if steps is None else steps,
         seed=options.seed,
         progress=options.progress,
     )

@@ -19,7 +19,7 @@ from salun_ext.diffusion.evaluation import (
     scoring_classifier,
     train_scoring_classifier,
 )
-from salun_ext.diffusion.nudity import EXPOSED_CLASSES, NudityDetector, i2p_nudity, read_i2p
+from salun_ext.diffusion.nudity import EXPOSED_CLASSES, NudityDetector, i2p_nudity, i2p_protocol, read_i2p
 from salun_ext.train import RunOptions
 from salun_ext.train.classifier import predict
 from tests.diffusion_helpers import digits, load_tiny_sd, micro_ddpm
@@ -84,7 +84,7 @@ def test_nudenet_on_a_real_photo():
 def test_i2p_nudity_end_to_end_on_a_tiny_pipeline(tmp_path):
     sd = load_tiny_sd()
     prompts = read_i2p(I2P, categories=["sexual"], limit=2)
-    result = i2p_nudity(sd, prompts, out_dir=tmp_path, num_inference_steps=2, progress=False)
+    result = i2p_nudity(sd, prompts, protocol=i2p_protocol("prompt", steps=2), out_dir=tmp_path, progress=False)
     assert result["total_images"] == 2 and set(result["counts"]) == set(EXPOSED_CLASSES)
     lines = (tmp_path / "detections.jsonl").read_text().splitlines()
     assert [json.loads(x)["index"] for x in lines] == [p.index for p in prompts]

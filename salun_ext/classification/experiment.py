@@ -32,6 +32,7 @@ from salun_ext.classification.evaluation import extra_mia_table, markdown_table,
 from salun_ext.classification.methods.base import UnlearnData
 from salun_ext.classification.methods.finetune import OriginalTrainConfig
 from salun_ext.classification.presets import preset_for
+from salun_ext.classification.protocols import get_protocol
 from salun_ext.classification.registry import PAPER_METHODS, get_method, method_key
 from salun_ext.classification.workflows import OriginalData, train_original, unlearn_and_evaluate
 from salun_ext.data import UnlearningSplit, class_balanced_subset, dataset_key, load_dataset, resolve_augment
@@ -70,6 +71,7 @@ class ExperimentConfig:
     sweeps: dict[str, dict[str, list[Any]]] = dataclasses.field(default_factory=dict)  # method -> {param: values}
     mia_shadow_size: int | None = None
     save_models: bool = False
+    protocol: str = "default"  # "paper": the paper code's behaviours (salun_ext/classification/protocols.py)
     out_dir: str | None = None  # None: runs/reproduce-<dataset>-<timestamp>
     # how every piece runs (device, precision, progress, resume); each run's seed and checkpoints are set per piece
     run: RunOptions = dataclasses.field(default_factory=RunOptions)
@@ -122,9 +124,9 @@ class Experiment:
         self.methods = [method_key(m) for m in config.methods]
         self.batch_size = config.batch_size or preset.get("batch_size", 256)
         self.augment = resolve_augment(config.augment, self.dataset)
-        self.original_config = OriginalTrainConfig(
-            **{"batch_size": self.batch_size, **preset.get("original", {}), **config.original}
-        )
+        self.protocol = get_protocol(config.protocol)
+        original = {**preset.get("original", {}), **self.protocol.original_overrides, **config.original}
+        self.original_config = OriginalTrainConfig(**{"batch_size": self.batch_size, **original})
         for name in list(config.method_overrides) + list(config.sweeps):
             method_key(name)  # unknown names fail before any work
         # load the data once, onto the device
@@ -139,6 +141,7 @@ class Experiment:
         self.train_full = train_full
         model_name = config.model or preset.get("model", "resnet18")
         options = config.model_options if config.model_options is not None else preset.get("model_options", {})
+        options = {**self.protocol.model_options(self.dataset), **options}
         self.spec = ModelSpec(model_name, train_full.channels, train_full.num_classes, train_full.image_size, options)
         self._splits: dict[tuple[Scenario, int], UnlearningSplit] = {}
         self._originals: dict[int, dict[str, torch.Tensor]] = {}
@@ -165,8 +168,9 @@ class Experiment:
         return dataclasses.replace(self.config.run, device=str(self.device), seed=seed, checkpoint_dir=folder)
 
     # ------------------------------------------------------------------------------------------- pieces
-    def split(self, scenario: Scenario, seed: int) -> UnlearningSplit:
-        key = (scenario, seed)
+    def split(self, scenario: Scenario, seed: int, split_seed: int | None = None) -> UnlearningSplit:
+        split_seed = self.config.split_seed if split_seed is None else split_seed
+        key = (scenario, seed, split_seed)
         if key not in self._splits:
             split = make_unlearning_split(
                 self.train_full,
@@ -174,7 +178,7 @@ class Experiment:
                 ratio=scenario.ratio,
                 classes=scenario.classes,
                 forget_seed=seed,
-                split_seed=self.config.split_seed,
+                split_seed=split_seed,
                 val_fraction=self.config.val_fraction,
             )
             self._splits[key] = dataclasses.replace(
@@ -198,6 +202,7 @@ class Experiment:
                 "train": dataclasses.asdict(self.original_config),
                 "augment": repr(self.augment),
                 "split": [self.config.split_seed, self.config.val_fraction, self.train_subset, self.config.subset_seed],
+                "protocol": self.protocol.describe(),
                 "seed": seed,
             }
         )
@@ -212,7 +217,8 @@ class Experiment:
                 self.log(f"original model (seed {seed}): reusing {path}")
                 return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             self.log(f"original model (seed {seed}): {path} was trained with other settings; retraining")
-        split = self.split(self.scenarios[0], seed)
+        # the paper protocol trains the original on the paper code's seed-1 split (its unlearning uses seed 2)
+        split = self.split(self.scenarios[0], seed, self.protocol.original_split_seed)
         self.log(f"original model (seed {seed}): {self.original_config.epochs} epochs on {len(split.train)} images")
         model, trained = train_original(
             self.spec,
@@ -221,7 +227,7 @@ class Experiment:
             self.options(seed, folder / "ckpt"),
             augment=self.augment,
         )
-        record = {"seed": seed, "fingerprint": fingerprint, **trained}
+        record = {"seed": seed, "fingerprint": fingerprint, **trained, "split": split.describe()}
         save_classifier(path, model, self.spec, extra={"fingerprint": fingerprint, "dataset": self.dataset})
         write_json(record, folder / "original.json")
         shutil.rmtree(folder / "ckpt", ignore_errors=True)
@@ -231,7 +237,7 @@ class Experiment:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def method_config(self, method: str, scenario: Scenario | None = None, extra: dict[str, Any] | None = None) -> dict:
-        """Hyperparameter overrides of a method: preset < user overrides < tuned values < `extra`.
+        """Hyperparameter overrides of a method: preset < protocol < user overrides < tuned values < `extra`.
 
         A preset may hold per-scenario values under "<method>@<ratio>" (e.g. "ga@0.5").
         """
@@ -239,6 +245,7 @@ class Experiment:
         merged = dict(preset.get(method, {}))
         if scenario is not None and scenario.ratio is not None:
             merged.update(preset.get(f"{method}@{scenario.ratio:g}", {}))
+        merged.update(self.protocol.for_method(method))
         merged.update(self.config.method_overrides.get(method, {}))
         if scenario is not None:
             merged.update(self._tuned.get((method, scenario), {}))
@@ -272,6 +279,7 @@ class Experiment:
                 "original": None if unlearner.trains_from_scratch else self._original_fingerprint(seed),
                 "spec": dataclasses.asdict(self.spec),
                 "mia": self.mia_shadow_size,
+                "protocol": self.protocol.name,
             }
         )
         result_path = folder / "result.json"
@@ -394,9 +402,11 @@ class Experiment:
                 for method in methods:
                     self.records.append(self.run(method, scenario, seed))
         summary = summarize(self.records)
+        protocol = "" if self.protocol.name == "default" else f", {self.protocol.name} protocol"
         summary.update(
             {
-                "title": f"{self.dataset}, {self.spec.arch}",
+                "title": f"{self.dataset}, {self.spec.arch}{protocol}",
+                "protocol": self.protocol.describe(),
                 "dataset": self.dataset,
                 "model": dataclasses.asdict(self.spec),
                 "seeds": list(self.config.seeds),

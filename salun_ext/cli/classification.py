@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "original_epochs": None,
     "original_lr": None,
     "save_models": False,
+    "protocol": "default",
 }
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"reproduce": {"ratios": [0.1, 0.5]}}  # the paper's two columns
 UNLEARN_OUTPUTS = ("model.safetensors", "run.json", "mask.safetensors")  # what `unlearn` writes into --out
@@ -84,6 +85,11 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     g.add_argument("--resume", action="store_const", const=True, help="continue an interrupted run in --out")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument(
+        "--protocol",
+        choices=["default", "paper"],
+        help="'paper': the paper code's behaviours (docs/protocols.md), 'default' (default): this library's fixes",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser, forget: bool) -> None:
@@ -197,6 +203,12 @@ def _options(args: argparse.Namespace, checkpoint_dir: Path | None = None, ctx=N
     )
 
 
+def _protocol(args: argparse.Namespace):
+    from salun_ext.classification.protocols import get_protocol
+
+    return get_protocol(args.protocol)
+
+
 def _preset(args: argparse.Namespace) -> dict:
     from salun_ext.classification.presets import preset_for
     from salun_ext.data import dataset_key
@@ -279,18 +291,21 @@ def _train(args: argparse.Namespace, ctx) -> int:
     from salun_ext.models import ModelSpec, save_classifier
     from salun_ext.utils import write_json
 
-    preset = _preset(args)
+    preset, protocol = _preset(args), _protocol(args)
     train_full, test = _load_data(args)
-    train_idx, val_idx = train_val_split(train_full.labels, args.val_fraction, args.split_seed)
+    split_seed = protocol.original_split_seed or args.split_seed  # paper: its original trains on the seed-1 split
+    train_idx, val_idx = train_val_split(train_full.labels, args.val_fraction, split_seed)
     model_name = args.model or preset.get("model", "resnet18")
     options = parse_assignments(args.model_option or [], qualified=False, what="--model-option") or preset.get(
         "model_options", {}
     )
+    options = {**protocol.model_options(dataset_key(args.dataset)), **options}
     spec = ModelSpec(model_name, train_full.channels, train_full.num_classes, train_full.image_size, options)
     config = OriginalTrainConfig(
         **{
             "batch_size": args.batch_size or preset.get("batch_size", 256),
             **preset.get("original", {}),
+            **protocol.original_overrides,
             **({"epochs": args.epochs} if args.epochs else {}),
             **({"lr": args.lr} if args.lr else {}),
         }
@@ -307,8 +322,9 @@ def _train(args: argparse.Namespace, ctx) -> int:
         "dataset": dataset_key(args.dataset),
         "model": dataclasses.asdict(spec),
         **trained,
-        "split_seed": args.split_seed,
+        "split_seed": split_seed,
         "val_fraction": args.val_fraction,
+        "protocol": protocol.name,
         "seed": args.seed,
     }
     save_classifier(out, model, spec, extra={"dataset": record["dataset"]})
@@ -343,7 +359,11 @@ def run_mask(args: argparse.Namespace) -> int:
     with distributed_session(args) as ctx, _output_folder(_mask_folder(args), ctx):
         model, _, split, device = _model_and_split(args, ctx.device)
         forget = split.forget.to(device)
-        batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=False)
+        # the paper code's mask loader shuffles and augments; by default the mask sees the data itself
+        augmented = _protocol(args).for_method("salun").get("mask_batches") == "augmented"
+        augment = _augment(args) if augmented else None
+        batches = Batches(forget.images, forget.labels, batch_size=args.batch_size or 256, shuffle=augmented,
+                          augment=augment, seed=args.seed, stream="rl.forget")  # fmt: skip
         # under torchrun every rank takes the whole forget set and the ranking is shared: the one-process mask
         group = ctx.group if ctx.is_distributed else None
         masks = forget_saliency(
@@ -401,8 +421,9 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
     model, spec, split, _ = _model_and_split(args, ctx.device)
     preset = _preset(args)
     name = method_key(args.method)
-    params = {**preset.get("methods", {}).get(name, {}), **parse_assignments(args.set or [], qualified=False)}
-    method = get_method(name, **params)
+    protocol = _protocol(args)  # preset < protocol < --set
+    params = {**preset.get("methods", {}).get(name, {}), **protocol.for_method(name)}
+    method = get_method(name, **{**params, **parse_assignments(args.set or [], qualified=False)})
     mask = None
     if args.mask:
         mask = SaliencyMask.load(args.mask)
@@ -428,6 +449,9 @@ def _unlearn(args: argparse.Namespace, ctx) -> int:
     if not ctx.is_main:
         return 0
     record = {**outcome, "checkpoint": str(args.checkpoint), "mask": args.mask, "seed": args.seed}
+    record["protocol"] = protocol.name
+    if "shadow_class" in result.info:  # the paper protocol's BE keeps its (C+1)-way head: the checkpoint says so
+        spec = dataclasses.replace(spec, num_classes=spec.num_classes + 1)
     print(f"{method.label}: unlearned in {result.seconds:.2f} s ({result.minutes:.3f} min)")
     if "metrics" in record:
         _print_metrics(record["metrics"])
@@ -523,6 +547,7 @@ def build_experiment_config(args: argparse.Namespace):
         mia_shadow_size=args.mia_shadow_size,
         save_models=bool(args.save_models),
         out_dir=args.out,
+        protocol=args.protocol,
         run=_options(args),
     )
 

@@ -133,6 +133,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "constant"  # or "multistep" (x0.1 at the milestones) or "cosine"
     milestones: tuple[float, ...] = ()  # fractions of `epochs` for "multistep"
+    milestone_epochs: tuple[int, ...] = ()  # absolute epochs instead (the paper code's 91, 136 at any length)
     batch_size: int | None = None  # None: UnlearnData.batch_size
 
     def optim(self, **changes) -> OptimConfig:
@@ -143,12 +144,9 @@ class TrainConfig:
     def recipe(self, *, epochs: int | None = None, optim: OptimConfig | None = None) -> TrainRecipe:
         """The Engine recipe: these hyperparameters, milestones turned from fractions of the epochs into epochs."""
         epochs = self.epochs if epochs is None else epochs
-        return TrainRecipe(
-            epochs=epochs,
-            optimizer=optim or self.optim(),
-            schedule=self.schedule,
-            milestones=tuple(round(m * epochs) for m in self.milestones),
-        )
+        milestones = tuple(self.milestone_epochs) or tuple(round(m * epochs) for m in self.milestones)
+        optim = optim or self.optim()
+        return TrainRecipe(epochs=epochs, optimizer=optim, schedule=self.schedule, milestones=milestones)
 
 
 class UnlearnMethod(abc.ABC):

@@ -43,16 +43,24 @@ class _ShadowClassTask(LoaderTask):
         return nn.functional.cross_entropy(model(x), target)
 
 
-class BoundaryExpanding(UnlearnMethod):
-    """BE: add a shadow output neuron, train the forget set toward it, then remove it.
+@dataclasses.dataclass
+class BoundaryExpandingConfig(BoundaryConfig):
+    """BE. keep_shadow: keep the shadow neuron after training (the paper code's evaluated (C+1)-way model, where a
+    shadow-class prediction counts as an error); False drops it (the original architecture)."""
 
-    The paper code never removes the extra neuron (its evaluated model has C+1 outputs); here it is dropped after
-    training, so the unlearned model has the original architecture and predicts among the real classes.
+    keep_shadow: bool = False
+
+
+class BoundaryExpanding(UnlearnMethod):
+    """BE: add a shadow output neuron, train the forget set toward it, then remove it (unless keep_shadow).
+
+    The paper code never removes the extra neuron (its evaluated model has C+1 outputs); by default it is dropped
+    after training, so the unlearned model has the original architecture and predicts among the real classes.
     """
 
     name = "be"
     label = "BE"
-    Config = BoundaryConfig
+    Config = BoundaryExpandingConfig
 
     def unlearn(self, model, data: UnlearnData, options: RunOptions, mask) -> dict[str, Any]:
         if mask is not None:
@@ -70,15 +78,24 @@ class BoundaryExpanding(UnlearnMethod):
         task = _ShadowClassTask(self.loader(data, "forget", options, "be.forget"), data.num_classes)
         try:
             result = self.fit(model, task, options)
-        finally:
-            shrunk = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-            shrunk.to(device=expanded.weight.device, dtype=expanded.weight.dtype)
-            with torch.no_grad():
-                shrunk.weight.copy_(expanded.weight[:-1])
-                if head.bias is not None:
-                    shrunk.bias.copy_(expanded.bias[:-1])
-            replace_module(model, head_name, shrunk)
+        except BaseException:
+            self._drop_shadow(model, head_name, head, expanded)
+            raise
+        if self.config.keep_shadow:
+            return {"history": result.history, "shadow_class": data.num_classes}
+        self._drop_shadow(model, head_name, head, expanded)
         return {"history": result.history}
+
+    @staticmethod
+    def _drop_shadow(model, head_name: str, head: nn.Linear, expanded: nn.Linear) -> None:
+        """Put back a head of the original shape holding the trained rows of the real classes."""
+        shrunk = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        shrunk.to(device=expanded.weight.device, dtype=expanded.weight.dtype)
+        with torch.no_grad():
+            shrunk.weight.copy_(expanded.weight[:-1])
+            if head.bias is not None:
+                shrunk.bias.copy_(expanded.bias[:-1])
+        replace_module(model, head_name, shrunk)
 
 
 def fgsm_nearest_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound: float = 0.1) -> torch.Tensor:

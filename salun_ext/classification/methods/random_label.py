@@ -137,6 +137,9 @@ class SalUnConfig(RLConfig):
     lr: float = 0.013
     mask_ratio: float = 0.5
     mask_mode: str = "strict"
+    # the mask's forget batches: "plain" (in order, no augmentation: the gradient of the data itself) or
+    # "augmented" (shuffled, with the training augmentation, as the paper code's loaders)
+    mask_batches: str = "plain"
 
 
 class SalUn(UnlearnMethod):
@@ -153,9 +156,12 @@ class SalUn(UnlearnMethod):
         cfg: SalUnConfig = self.config
         if cfg.mask_mode not in ("strict", "compat"):
             raise UsageError(f"mask_mode must be 'strict' or 'compat', got {cfg.mask_mode!r}")
+        if cfg.mask_batches not in ("plain", "augmented"):
+            raise UsageError(f"mask_batches must be 'plain' or 'augmented', got {cfg.mask_batches!r}")
         computed = None  # returned (as UnlearnResult.mask) only when computed here
         if mask is None:
-            forget = self.loader(data, "forget", options, "rl.forget", shuffle=False, augment=False)
+            plain = cfg.mask_batches == "plain"
+            forget = self.loader(data, "forget", options, "rl.forget", shuffle=not plain, augment=not plain)
             mask = computed = forget_saliency(
                 model, forget, cfg.mask_ratio, progress=options.progress, process_group=options.mask_group()
             )

@@ -65,6 +65,7 @@ def _add_mask(cmds) -> None:
     mask.add_argument("--ratio", type=float, nargs="+", default=[0.5], help="salient fraction(s) (default 0.5)")
     mask.add_argument("--guidance", type=float, default=None, help="guidance s (default: DDPM 3.0, SD 8.5)")
     mask.add_argument("--batch-size", type=int, default=None, help="default: DDPM 128, SD 8")
+    _protocol_flag(mask)
     mask.add_argument("--out", required=True, help="mask file (.safetensors); several ratios: {ratio} in the name")
     add_distributed_args(mask)
     _fsdp_flag(mask, "(the mask file is the same)")
@@ -77,7 +78,7 @@ def _add_unlearn(cmds) -> None:
     un.add_argument("--method", required=True, choices=_method_names())
     un.add_argument("--mask", default=None, help="a SaliencyMask file over the UNet (SalUn; optional for others)")
     un.add_argument("--setting", default=None, help="recipe: ddpm | sd | sd-nsfw (default from the model)")
-    un.add_argument("--alpha", type=float, default=None, help="SalUn: weight of the retain loss")
+    un.add_argument("--alpha", type=float, default=None, help="SalUn / GA: weight of the retain loss")
     un.add_argument("--lr", type=float, default=None)
     un.add_argument("--steps", type=int, default=None, help="optimizer steps (replaces the recipe's budget)")
     un.add_argument("--epochs", type=int, default=None, help="epochs over the forget set")
@@ -85,10 +86,20 @@ def _add_unlearn(cmds) -> None:
     un.add_argument("--eta", type=float, default=None, help="ESD: negative guidance strength")
     un.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
     un.add_argument("--fmn-concept", default=None, help="FMN: the concept's words inside the forget prompt")
+    _protocol_flag(un)
     un.add_argument("--out", required=True, help="output folder (DDPM folder or SD pipeline folder)")
     _checkpointing(un)
     add_distributed_args(un)
     _fsdp_flag(un, "(methods salun, ga)")
+
+
+def _protocol_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--protocol",
+        choices=["default", "paper"],
+        default="default",
+        help="'paper': the paper code's recipes (GA's retain term, the summed DDPM mask loss, FMN's pooler columns)",
+    )
 
 
 def _add_sample(cmds) -> None:
@@ -251,7 +262,8 @@ def run_mask(args) -> int:
     check_mask_out(args.out, args.ratio)
     with distributed_session(args) as ctx:
         written = make_masks(_source(args), _forget(args), args.ratio, args.out, _options(args, ctx),
-                             guidance_scale=args.guidance, batch_size=args.batch_size, ctx=ctx)  # fmt: skip
+                             guidance_scale=args.guidance, batch_size=args.batch_size, protocol=args.protocol,
+                             ctx=ctx)  # fmt: skip
         for path, m in written:
             print(f"mask ratio {m.ratio}: {m.count()} of {m.numel} parameters salient -> {path}")
     return 0

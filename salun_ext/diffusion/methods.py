@@ -76,7 +76,7 @@ class GradientAscent(DiffusionMethod):
     shardable = True
 
     def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
-        return GATask(spec, forget, **task_kwargs), None
+        return GATask(spec, forget, retain, **task_kwargs), None
 
 
 class _ESD(DiffusionMethod):
@@ -212,8 +212,11 @@ def unlearn(
     recipe_overrides: dict[str, Any] | None = None,
     task_overrides: dict[str, Any] | None = None,
     fmn_columns: Sequence[int] | None = None,
+    protocol: str = "default",
 ) -> FitResult:
     """Run `method` with the paper's recipe for `setting` ("ddpm", "sd", "sd-nsfw"), overridden where given.
+
+    protocol="paper": the paper code's recipe where it differs (recipes.PAPER_RECIPES: GA with its retain term).
 
     options: how the run executes (device, seed, amp: None keeps the recipe's, checkpoints, distributed).
     lr / max_steps / epochs / recipe_overrides (other TrainRecipe or optimizer fields): the recipe's training;
@@ -225,7 +228,7 @@ def unlearn(
     name = METHODS.key(method)
     if mask is not None and not METHODS[name].takes_mask:
         raise UsageError(f"mask: {name} trains a fresh model: it takes no mask (got one)")
-    r = recipe(setting, name)
+    r = recipe(setting, name, protocol)
     r.task.update(_given(task_overrides))
     train = r.train.replace(**_given({**(recipe_overrides or {}), "lr": lr}))
     if max_steps is not None or epochs is not None:
@@ -235,7 +238,7 @@ def unlearn(
     fingerprint = None
     if options.checkpoint_dir:  # a resume must match the method, its setting and task keywords, and the data
         data = [forget.digest(), retain.digest() if retain is not None else None, list(fmn_columns or [])]
-        fingerprint = {"method": [name, setting], "task": r.task, "data": data}
+        fingerprint = {"method": [name, setting, protocol], "task": r.task, "data": data}
     return run_task(unet, task, train, options, mask=mask, params=params, on_done=on_done, desc=name,
                     fingerprint=fingerprint)  # fmt: skip
 

@@ -2,6 +2,7 @@
 
     RECIPES[(setting, method)]   Recipe(train=TrainRecipe, task=Task keyword arguments)
     recipe(setting, method)      a copy of it (a clear UsageError for an unknown or inapplicable pair)
+    PAPER_RECIPES                where the paper's code trains otherwise (`protocol="paper"`, docs/protocols.md)
     ddpm_training_recipe(...)    training a class-conditional DDPM (the original model, or Retrain from the CLI)
     MASK_DEFAULTS / SAMPLE_GUIDANCE / EVAL_GUIDANCE   guidance, batch and clipping per model kind ("ddpm", "sd")
 
@@ -72,10 +73,26 @@ for _method in ("ga", "esd-x", "esd-u", "fmn"):
     RECIPES[("sd-nsfw", _method)] = RECIPES[("sd", _method)]
 
 SETTINGS = tuple(dict.fromkeys(s for s, _ in RECIPES))
+PROTOCOLS = ("default", "paper")
+
+# The paper code's GA (DDPM/runners/diffusion.py saliency_unlearn with --method ga; SD/train-scripts/
+# gradient_ascent.py): -forget + alpha * retain; on the DDPM with the summed loss, lr 1e-4 and alpha 1e-3 of its
+# saliency_unlearn config; on SD alpha 0.1, 10 epochs.
+PAPER_RECIPES: dict[tuple[str, str], Recipe] = {
+    ("ddpm", "ga"): Recipe(
+        TrainRecipe(max_steps=1000, optimizer=_adam(1e-4), grad_clip=1.0),
+        dict(alpha=1e-3, batch_size=128, reduction="sum", retain_cond_drop=0.1),
+    ),
+    ("sd", "ga"): Recipe(TrainRecipe(epochs=10, optimizer=_adam(1e-5), amp="bf16"), dict(alpha=0.1, batch_size=8)),
+}
+PAPER_RECIPES[("sd-nsfw", "ga")] = PAPER_RECIPES[("sd", "ga")]
 
 
-def recipe(setting: str, method: str) -> Recipe:
-    """A copy of the paper's defaults; a UsageError naming the setting or method that has none."""
+def recipe(setting: str, method: str, protocol: str = "default") -> Recipe:
+    """A copy of the defaults (the paper code's under protocol="paper"); a UsageError naming the setting or
+    method that has none."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"protocol (--protocol): expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if setting not in SETTINGS:
         raise UsageError(f"setting: expected one of {', '.join(SETTINGS)}; got {setting!r} (unknown setting)")
     key = (setting, method)
@@ -85,7 +102,7 @@ def recipe(setting: str, method: str) -> Recipe:
             raise UsageError(f"method: expected one of {', '.join(known)}; got {method!r} (unknown method)")
         available = [m for s, m in RECIPES if s == setting]
         raise UsageError(f"method {method!r} does not apply to {setting!r}; available: {available}")
-    r = RECIPES[key]
+    r = PAPER_RECIPES.get(key, RECIPES[key]) if protocol == "paper" else RECIPES[key]
     return Recipe(copy.deepcopy(r.train), dict(r.task))
 
 
@@ -108,11 +125,13 @@ def ddpm_training_recipe(epochs: int, lr: float = 1e-3, *, warmup_steps: int = 0
 
 @dataclasses.dataclass(frozen=True)
 class MaskDefaults:
-    """SalUn's saliency mask: guidance s of the forget loss, batch size, per-batch gradient-norm clip (None: none)."""
+    """SalUn's saliency mask: guidance s of the forget loss, batch size, per-batch gradient-norm clip (None: none),
+    and the loss reduction ("mean" per element; "sum" over C, H, W then the batch mean: the paper's DDPM code)."""
 
     guidance_scale: float
     batch_size: int
     clip_grad_norm: float | None
+    reduction: str = "mean"
 
 
 # DDPM: s = 3.0 (w = 2), clip 1.0, batch 128; SD: s = 8.5 (w = 7.5), no clipping, batch 8
@@ -127,13 +146,21 @@ def _kind(kind: str) -> str:
     return kind
 
 
-def mask_settings(kind: str, *, guidance_scale: float | None = None, batch_size: int | None = None) -> MaskDefaults:
-    """The mask settings of `kind` with the values given (None: not given, the kind's default; 0 is a value)."""
+def mask_settings(
+    kind: str, *, guidance_scale: float | None = None, batch_size: int | None = None, protocol: str = "default"
+) -> MaskDefaults:
+    """The mask settings of `kind` with the values given (None: not given, the kind's default; 0 is a value).
+
+    protocol="paper": the DDPM mask's loss is summed over C, H, W before the per-batch clip, as the paper's code
+    (DDPM/runners/diffusion.py generate_mask); the default's per-element mean makes the clip of norm 1 rarely fire.
+    """
     d = MASK_DEFAULTS[_kind(kind)]
+    reduction = "sum" if protocol == "paper" and kind == "ddpm" else d.reduction
     return MaskDefaults(
         d.guidance_scale if guidance_scale is None else guidance_scale,
         d.batch_size if batch_size is None else batch_size,
         d.clip_grad_norm,
+        reduction,
     )
 
 

@@ -206,15 +206,23 @@ class StableDiffusion:
     def spec(self, prompts: Sequence[str]) -> DiffusionSpec:
         return DiffusionSpec(self.conditioner(prompts), self.training_scheduler())
 
-    def token_columns(self, prompt: str, concept: str) -> list[int]:
-        """Positions of `concept`'s tokens inside `prompt`'s token sequence (FMN re-steers attention there)."""
+    def token_columns(self, prompt: str, concept: str, *, use_pooler: bool = False) -> list[int]:
+        """Positions of `concept`'s tokens inside `prompt`'s token sequence (FMN re-steers attention there).
+
+        use_pooler: also every end-of-text position (on SD v1 the padding is end-of-text too), as FMN's default
+        config does (`use_pooler`).
+        """
         full = self.tokenize([prompt])[0].tolist()
         sub = self.tokenizer(concept, add_special_tokens=False).input_ids
         if not sub:
             raise UsageError(f"concept {concept!r} has no tokens")
         for start in range(len(full) - len(sub) + 1):
             if full[start : start + len(sub)] == sub:
-                return list(range(start, start + len(sub)))
+                columns = list(range(start, start + len(sub)))
+                if use_pooler:
+                    eos = self.tokenizer.eos_token_id
+                    columns += [i for i, token in enumerate(full) if token == eos and i not in columns]
+                return columns
         raise UsageError(f"concept {concept!r} does not occur in prompt {prompt!r} (as tokens)")
 
     # ------------------------------------------------------------------ images

@@ -215,15 +215,44 @@ class SalUnTask(_ForgetRetainTask):
 
 
 class GATask(_ForgetRetainTask):
-    """Gradient ascent: maximise the forget set's eps-MSE (the baseline the paper shows to collapse the model)."""
+    """Gradient ascent: maximise the forget set's eps-MSE (the baseline the paper shows to collapse the model).
 
-    def __init__(self, spec: DiffusionSpec, forget: DiffusionSet, *, batch_size: int = 128, seed: int = 0) -> None:
+    alpha > 0 adds alpha x the retain set's eps-MSE (the paper code's GA: -forget + alpha * retain); `reduction`:
+    "mean" over every element, or "sum" over C, H, W then the batch mean (the paper's DDPM code).
+    """
+
+    def __init__(
+        self,
+        spec: DiffusionSpec,
+        forget: DiffusionSet,
+        retain: DiffusionSet | None = None,
+        *,
+        alpha: float = 0.0,
+        batch_size: int = 128,
+        reduction: str = "mean",
+        retain_cond_drop: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        check_positive(alpha, "alpha", allow_zero=True)
+        if alpha > 0 and retain is None:
+            raise UsageError("alpha: GA's retain term (alpha > 0) needs a retain set (or pass alpha=0)")
+        eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), reduction)  # validates the name early
         super().__init__(
-            spec, forget, None, batch_size=batch_size, retain_batch_size=None, retain_cond_drop=0.0, seed=seed
+            spec,
+            forget,
+            retain if alpha > 0 else None,
+            batch_size=batch_size,
+            retain_batch_size=None,
+            retain_cond_drop=retain_cond_drop,
+            seed=seed,
         )
+        self.alpha, self.reduction = alpha, reduction
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return -_eps_loss(self.spec, model, batch, "mean")
+        loss = -_eps_loss(self.spec, model, batch, self.reduction)
+        if self.retain is not None:
+            loss = loss + self.alpha * _eps_loss(self.spec, model, batch, self.reduction, prefix="retain_")
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------------- ESD

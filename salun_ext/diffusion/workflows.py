@@ -145,11 +145,13 @@ def make_masks(
     *,
     guidance_scale: float | None = None,
     batch_size: int | None = None,
+    protocol: str = "default",
     ctx: Any = None,
 ) -> list[tuple[Path, SaliencyMask]]:
     """SalUn's mask(s) of the forget set's guided loss, one file per ratio ('{ratio}' in `out`); rank 0 writes.
 
     guidance_scale / batch_size: None (not given) takes the model kind's default (recipes.MASK_DEFAULTS).
+    protocol="paper": the DDPM loss summed over C, H, W before the clip (recipes.mask_settings).
     distributed="fsdp": the UNet is sharded, each rank ranks its shard, and rank 0 writes the consolidated mask.
     """
     from salun_ext.diffusion.saliency import diffusion_saliency
@@ -161,14 +163,15 @@ def make_masks(
     _check_fsdp(options, ctx)
     owner = source.load(options.device)
     sets = unlearning_sets(owner, data, seed=options.seed, progress=options.progress, ctx=ctx)
-    settings = mask_settings(source.kind, guidance_scale=guidance_scale, batch_size=batch_size)
+    settings = mask_settings(source.kind, guidance_scale=guidance_scale, batch_size=batch_size, protocol=protocol)
     if options.distributed == "fsdp":
         shard_unet(owner.unet)  # the gradients are then DTensor shards, and each rank's mask its shard of the mask
     # every rank makes the same seeded batches; the ranking is shared, so each holds the one-process mask (or its
     # shard of it under fsdp)
     masks = diffusion_saliency(owner.unet, sets.spec, sets.forget, ratio=list(ratios),
                                guidance_scale=settings.guidance_scale, batch_size=settings.batch_size,
-                               clip_grad_norm=settings.clip_grad_norm, seed=options.seed, progress=options.progress,
+                               clip_grad_norm=settings.clip_grad_norm, reduction=settings.reduction,
+                               seed=options.seed, progress=options.progress,
                                process_group=ctx.group if ctx.is_distributed else None)  # fmt: skip
     written = []
     for m in masks:
@@ -199,22 +202,26 @@ class UnlearnSpec:
     batch_size: int | None = None
     eta: float | None = None  # ESD
     fmn_concept: str | None = None  # FMN: the concept's words inside the forget prompt
+    protocol: str = "default"  # "paper": the paper code's recipes and FMN columns (docs/protocols.md)
 
     def task_overrides(self) -> dict[str, Any]:
         task: dict[str, Any] = {"batch_size": self.batch_size}
-        if self.method == "salun":
+        if self.method in ("salun", "ga"):
             task["alpha"] = self.alpha
         if self.method.startswith("esd"):
             task["eta"] = self.eta
         return task
 
 
-def fmn_columns(sd, forget_prompt: str, concept: str | None, forget_class: Sequence[str] = ()) -> list[int]:
-    """FMN's token columns: the concept (else the forgotten class) inside the forget prompt."""
+def fmn_columns(
+    sd, forget_prompt: str, concept: str | None, forget_class: Sequence[str] = (), *, use_pooler: bool = False
+) -> list[int]:
+    """FMN's token columns: the concept (else the forgotten class) inside the forget prompt (use_pooler: with the
+    end-of-text columns, as FMN's default config)."""
     concept = concept or (forget_class[0] if forget_class else None)
     if not concept:
         raise usage_error("fmn_concept (--fmn-concept)", "the concept's words inside the forget prompt", concept)
-    return sd.token_columns(forget_prompt, concept)
+    return sd.token_columns(forget_prompt, concept, use_pooler=use_pooler)
 
 
 def _load_mask(path: str | None, unet: torch.nn.Module, sharded: bool) -> SaliencyMask | None:
@@ -250,19 +257,21 @@ def _unlearn_folder(
     setting = spec.setting or default_setting(source.kind, data.concept)
     columns = None
     if spec.method == "fmn" and source.kind == "sd":
-        columns = fmn_columns(owner, sets.forget_prompt, spec.fmn_concept, data.forget_class)
+        columns = fmn_columns(owner, sets.forget_prompt, spec.fmn_concept, data.forget_class,
+                              use_pooler=spec.protocol == "paper")  # fmt: skip
     unet = owner.unet
     unet_class = type(unet)  # fully_shard swaps the class for an FSDP subclass: keep the plain one for saving
     if sharded:
         shard_unet(unet)  # the text encoder and VAE (SD) stay whole on every rank: they are frozen
     fit = unlearn(spec.method, setting, unet, sets.spec, sets.forget, sets.retain, options=options,
                   mask=_load_mask(spec.mask, unet, sharded), lr=spec.lr, max_steps=spec.steps, epochs=spec.epochs,
-                  task_overrides=spec.task_overrides(), fmn_columns=columns)  # fmt: skip
+                  task_overrides=spec.task_overrides(), fmn_columns=columns, protocol=spec.protocol)  # fmt: skip
     if sharded:
         unshard_for_saving(unet, unet_class, owner if source.kind == "ddpm" else owner.pipe)
     if ctx.is_main:
         owner.save_pretrained(out)
         log = {"method": spec.method, "setting": setting, "history": fit.history, "seconds": fit.seconds}
+        log["protocol"] = spec.protocol
         log.update(resumed=fit.resumed, segments_seconds=fit.segments)
         write_json({**log, "mask": spec.mask, "world_size": ctx.world_size}, Path(out) / "unlearn_log.json")
     ctx.barrier()

@@ -217,11 +217,11 @@ def _preset(args: argparse.Namespace) -> dict:
 
 
 def _load_data(args: argparse.Namespace):
+    """The training and test sets; the training set cut to --train-subset (default: the dataset preset's)."""
     from salun_ext.classification.workflows import load_train_test
 
-    return load_train_test(
-        args.dataset, args.data_root, download=bool(args.download), train_subset=args.train_subset
-    )
+    subset = args.train_subset if args.train_subset is not None else _preset(args).get("train_subset")
+    return load_train_test(args.dataset, args.data_root, download=bool(args.download), train_subset=subset)
 
 
 def _load_split(args: argparse.Namespace, spec=None):

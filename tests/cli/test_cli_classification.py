@@ -64,7 +64,7 @@ def test_train_mask_unlearn_evaluate(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == "salun" and run["config"]["epochs"] == 1 and run["rte_seconds"] > 0
     assert set(run["metrics"]) >= {"UA", "RA", "TA", "MIA", "MIA_entropy", "MIA_m_entropy"}
-    assert run["split"]["forget"] == 130
+    assert run["split"]["forget"] == 45  # 10% of the digits preset's 450-image training split (500 - val)
 
     retrain = tmp_path / "retrain"
     argv = ["unlearn", "--checkpoint", str(model), *forget, "--method", "retrain", "--set", "epochs=2"]
@@ -169,8 +169,8 @@ def test_reproduce_writes_table_plot_json_and_resumes(tmp_path, capsys):
     assert "| Methods |" in table and "Original model:" in table and "MIA (m-entropy)" in table
     assert (out / "gaps.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "runs" / "random_10" / "seed1" / "salun" / "result.json").read_text())
-    preset_lr = PRESETS["digits"]["methods"]["salun"]["lr"]  # --set epochs wins over the preset, lr comes from it
-    assert run["config"]["epochs"] == 1 and run["config"]["lr"] == preset_lr and run["split"]["forget"] == 130
+    preset_lr = PRESETS["digits"]["methods"]["salun@0.1"]["lr"]  # --set epochs wins over the preset, lr from it
+    assert run["config"]["epochs"] == 1 and run["config"]["lr"] == preset_lr and run["split"]["forget"] == 45
     # resume: nothing is recomputed, the numbers are the same
     assert main([*argv, "--resume"]) == 0
     second = capsys.readouterr().out

@@ -85,6 +85,12 @@ PAPER_RECIPES: dict[tuple[str, str], Recipe] = {
     ),
     ("sd", "ga"): Recipe(TrainRecipe(epochs=10, optimizer=_adam(1e-5), amp="bf16"), dict(alpha=0.1, batch_size=8)),
 }
+# The SalUn code's ESD (SD/train-scripts/train-esd.py, CompVis): x_t sampled by the model being trained, the loss
+# at a timestep of the sampled step's interval (ESDTask variant "compvis"); same target, budget and lr.
+for _setting in ("sd", "sd-nsfw"):
+    for _esd in ("esd-x", "esd-u"):
+        _base = RECIPES[(_setting, _esd)]
+        PAPER_RECIPES[(_setting, _esd)] = Recipe(_base.train, {**_base.task, "variant": "compvis"})
 PAPER_RECIPES[("sd-nsfw", "ga")] = PAPER_RECIPES[("sd", "ga")]
 
 

@@ -258,6 +258,7 @@ class GATask(_ForgetRetainTask):
 # ---------------------------------------------------------------------------------------------------- ESD
 
 ESD_VARIANTS = ("esd-x", "esd-u", "esd-x-strict", "esd-full")
+ESD_SAMPLING = ("matched", "compvis")  # where x_t and the loss timestep come from (see ESDTask)
 
 
 def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -291,9 +292,13 @@ def esd_parameters(unet: torch.nn.Module, variant: str) -> list[tuple[str, torch
 class ESDTask(_EpochTask):
     """ESD: train eps(x_t | c) toward the frozen model's eps0(x_t) - eta (eps0(x_t | c) - eps0(x_t)).
 
-    x_t (xt_source="sample", the ESD recipe): the frozen model denoises seeded noise with guidance `guidance_scale`
-    on c for run_till ~ U{0..sample_steps-1} DDIM steps, and the loss is taken at the next step's timestep.
-    xt_source="data": x_t = forget images noised at t ~ U{0..T-1} (cheaper, needs data).
+    x_t (xt_source="sample", the ESD recipe): seeded noise denoised with guidance `guidance_scale` on c for
+    run_till ~ U{0..sample_steps-1} DDIM steps. variant "matched" (rohitgandikota/erasing, the default): by the
+    frozen model, and the loss is taken at the next step's timestep. variant "compvis" (the SalUn code's
+    SD/train-scripts/train-esd.py): by the model being trained, and the loss at a DDPM timestep drawn from
+    [round(k T / S), round((k + 1) T / S)) for k = run_till (which counts from the noise, so that timestep does not
+    match x_t's noise level: the script's quirk, kept). xt_source="data": x_t = forget images noised at
+    t ~ U{0..T-1} (cheaper, needs data).
 
     The frozen copy is made here (on the UNet's device, in `frozen_dtype`); nothing else of the model is copied.
     `concept_ids`: the ids to erase (class labels or prompt-table rows); each step draws one per sample.
@@ -314,10 +319,13 @@ class ESDTask(_EpochTask):
         xt_source: str = "sample",
         data: DiffusionSet | None = None,
         frozen_dtype: torch.dtype | None = None,
+        variant: str = "matched",
         seed: int = 0,
     ) -> None:
         from diffusers import DDIMScheduler
 
+        if variant not in ESD_SAMPLING:
+            raise UsageError(f"variant: expected one of {', '.join(ESD_SAMPLING)}; got {variant!r}")
         if not concept_ids:
             raise UsageError(f"concept_ids: expected at least one concept id to erase, got {list(concept_ids)}")
         check_positive(eta, "eta")
@@ -331,7 +339,7 @@ class ESDTask(_EpochTask):
         self.sample_shape = tuple(sample_shape)
         self.eta, self.guidance_scale, self.sample_steps = eta, guidance_scale, sample_steps
         self.batch_size, self.steps_per_epoch, self.xt_source, self.data = batch_size, steps_per_epoch, xt_source, data
-        self.seed = seed
+        self.seed, self.variant = seed, variant
         self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
         if frozen_dtype is not None:
             self.frozen.to(frozen_dtype)
@@ -346,11 +354,14 @@ class ESDTask(_EpochTask):
         for _ in range(self.steps_per_epoch):
             pick = torch.randint(0, len(self.concept_ids), (self.batch_size,), generator=gen)
             if self.xt_source == "sample":
-                yield {
+                batch = {
                     "ids": self.concept_ids[pick],
                     "x_T": torch.randn((self.batch_size, *self.sample_shape), generator=gen),
                     "run_till": torch.randint(0, self.sample_steps, (), generator=gen),
                 }
+                if self.variant == "compvis":  # where in the step's interval the loss timestep lies
+                    batch["t_pick"] = torch.rand((), generator=gen)
+                yield batch
             else:
                 index = torch.randint(0, len(self.data), (self.batch_size,), generator=gen)
                 batch = noisy_batch(self.spec, self.data, index, gen)
@@ -358,11 +369,11 @@ class ESDTask(_EpochTask):
                 yield batch
 
     @torch.no_grad()
-    def _x_t(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _x_t(self, batch: dict, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if self.xt_source == "data":
             return self.spec.add_noise(batch["x0"], batch["noise"], batch["t"]), batch["t"]
-        return denoise(
-            self.frozen,
+        x_t, t_next = denoise(
+            model if self.variant == "compvis" else self.frozen,
             self.spec,
             self.sampler,
             batch["x_T"],
@@ -371,9 +382,20 @@ class ESDTask(_EpochTask):
             num_inference_steps=self.sample_steps,
             stop_after=int(batch["run_till"]),
         )
+        if self.variant == "matched":
+            return x_t, t_next
+        return x_t, self.compvis_timestep(int(batch["run_till"]), float(batch["t_pick"]), x_t)
+
+    def compvis_timestep(self, run_till: int, pick: float, x_t: torch.Tensor) -> torch.Tensor:
+        """The train-esd.py timestep: uniform in [round(k T / S), round((k + 1) T / S)) for k = run_till."""
+        total = self.spec.num_train_timesteps
+        lo = round(run_till / self.sample_steps * total)
+        hi = max(lo + 1, round((run_till + 1) / self.sample_steps * total))
+        t = min(total - 1, lo + int(pick * (hi - lo)))
+        return torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        x_t, t = self._x_t(batch)
+        x_t, t = self._x_t(batch, model)
         ids = batch["ids"]
         with torch.no_grad():  # both frozen branches in one batched pass
             null = torch.full_like(ids, self.spec.null_id)

@@ -90,3 +90,28 @@ def test_cli_ga_under_the_paper_protocol(tmp_path):
     assert main([*argv, "--out", str(out)]) == 0
     log = json.loads((out / "unlearn_log.json").read_text())
     assert log["protocol"] == "paper" and log["method"] == "ga"
+
+
+def test_esd_compvis_variant_samples_with_the_trained_model_and_its_timestep_interval():
+    from salun_ext.diffusion.tasks import ESDTask
+
+    model = micro_ddpm()
+    kw = dict(sample_steps=5, batch_size=2, steps_per_epoch=1, seed=3)
+    matched = ESDTask(model.spec, model.unet, [3], (1, 8, 8), **kw)
+    compvis = ESDTask(model.spec, model.unet, [3], (1, 8, 8), variant="compvis", **kw)
+    assert recipe("sd", "esd-x", "paper").task["variant"] == "compvis" and "variant" not in recipe("sd", "esd-x").task
+    # the timestep of train-esd.py: uniform in [round(k T / S), round((k + 1) T / S))
+    assert int(compvis.compvis_timestep(0, 0.0, torch.zeros(2))[0]) == 0
+    assert int(compvis.compvis_timestep(4, 0.5, torch.zeros(2))[0]) == 900  # [800, 1000): 800 + 100
+    assert int(compvis.compvis_timestep(4, 0.9999, torch.zeros(2))[0]) == 999
+    trained = micro_ddpm(seed=1)  # another model than the frozen copy
+    batch = next(iter(compvis.batches(0)))
+    batch["run_till"] = torch.tensor(2)
+    x_frozen, _ = matched._x_t(batch, trained.unet)
+    x_trained, t = compvis._x_t(batch, trained.unet)
+    x_same, _ = compvis._x_t(batch, model.unet)
+    # compvis samples with the model it is given (eval-mode frozen copy vs train-mode UNet: equal up to rounding)
+    assert (x_frozen - x_trained).abs().max() > 1e-2 and torch.allclose(x_frozen, x_same, atol=1e-4)
+    assert 400 <= int(t[0]) < 600
+    with pytest.raises(UsageError, match="variant: expected one of matched, compvis"):
+        ESDTask(model.spec, model.unet, [3], (1, 8, 8), variant="new", **kw)

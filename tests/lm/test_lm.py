@@ -136,7 +136,7 @@ def test_task_batches_are_seeded_and_paired(lm_dir):
     assert first[0]["input_ids"].shape[0] == 2 * first[0]["index"].numel()  # forget rows + as many retain rows
     with pytest.raises(ValueError, match="reference_logps"):
         LMUnlearnTask(forget, retain, method="npo", batch_size=2, pad_id=0)
-    with pytest.raises(ValueError, match="unknown LM method 'dpo'; available: ga, npo, idk, random_label"):
+    with pytest.raises(ValueError, match="unknown LM method 'dpo'; available: ga, npo, idk, random_label, simnpo, graddiff, rmu"):
         LMUnlearnTask(forget, retain, method="dpo", batch_size=2, pad_id=0)
 
 

@@ -161,8 +161,8 @@ def read_records(path: str) -> list[dict]:
                     data.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise UsageError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
+    if isinstance(data, dict):  # {"data": [...]}, or JSON lines of one record
+        data = data["data"] if isinstance(data.get("data"), list) else [data]
     if not isinstance(data, list) or not data:
         raise UsageError(f"{path}: expected a non-empty list of records")
     for i, record in enumerate(data):

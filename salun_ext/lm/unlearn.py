@@ -158,8 +158,16 @@ def unlearn_lm(
     hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "max_steps")}
     texts = {"forget": [(e.input_ids, e.prompt_len) for e in forget_ids], "retain": [e.input_ids for e in retain_ids]}
     fingerprint = {"method": hyper, "data": texts} if options.checkpoint_dir else None
-    params = method.trainable(model, task)  # RMU: its layers only
+    params = method.trainable(model, task)  # RMU: its layers only (the mask keeps ranking every weight)
+    trained_mask = mask.subset([n for n, _ in params]) if mask is not None and params is not None else mask
     result = fit(
-        model, task, cfg.recipe(), options, mask=mask, params=params, desc=f"lm {cfg.method}", fingerprint=fingerprint
+        model,
+        task,
+        cfg.recipe(),
+        options,
+        mask=trained_mask,
+        params=params,
+        desc=f"lm {cfg.method}",
+        fingerprint=fingerprint,
     )
     return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

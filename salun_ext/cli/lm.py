@@ -82,6 +82,11 @@ def register(sub) -> None:
         default="arithmetic",
         help="TOFU: mean of the perturbed answers' probs (paper) or of their log-probs (reference code)",
     )
+    ev.add_argument(
+        "--question-template",
+        default="{question}",
+        help="TOFU: the prompt of a question, e.g. '[INST] {question} [/INST]' ({question} by default)",
+    )
     ev.add_argument("--max-new-tokens", type=int, default=200, help="TOFU: tokens of a greedy answer (200)")
     ev.add_argument("--verbmem-tokens", type=int, default=128, help="MUSE: tokens of a verbmem continuation")
     ev.add_argument("--knowmem-tokens", type=int, default=32, help="MUSE: tokens of a knowmem answer")
@@ -253,6 +258,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         verbmem_tokens=args.verbmem_tokens,
         knowmem_tokens=args.knowmem_tokens,
         min_k=args.min_k,
+        question_template=args.question_template,
     )
     spec = BenchmarkSpec(
         args.benchmark, args.data, args.forget_split, args.retain_results, args.retain_model, options=options

@@ -387,18 +387,23 @@ class BenchmarkOptions:
     verbmem_tokens: int = 128
     knowmem_tokens: int = 32
     min_k: float = 0.4
+    question_template: str = "{question}"  # TOFU: how a question becomes the prompt (e.g. a chat format)
+
+    def prompt(self, question: str) -> str:
+        return self.question_template.replace("{question}", question)
 
 
 def tofu_truth_ratios(model, tokenizer, items: Sequence[TofuItem], opts: BenchmarkOptions) -> dict[str, Any]:
     """The probabilities and truth ratios of one TOFU split (no generation)."""
     kw = {"batch_size": opts.batch_size, "max_length": opts.max_length, "amp": opts.amp}
-    correct = normalized_probs(model, tokenizer, [TextExample(it.answer, it.question) for it in items], **kw)
+    q = opts.prompt
+    correct = normalized_probs(model, tokenizer, [TextExample(it.answer, q(it.question)) for it in items], **kw)
     para = (
-        normalized_probs(model, tokenizer, [TextExample(it.paraphrased, it.question) for it in items], **kw)
+        normalized_probs(model, tokenizer, [TextExample(it.paraphrased, q(it.question)) for it in items], **kw)
         if items[0].paraphrased is not None
         else correct
     )
-    flat = [TextExample(p, it.question) for it in items for p in it.perturbed]
+    flat = [TextExample(p, q(it.question)) for it in items for p in it.perturbed]
     flat_probs = normalized_probs(model, tokenizer, flat, **kw)
     rows = flat_probs.split([len(it.perturbed) for it in items])  # each question's own perturbed answers
     ratios = torch.stack(
@@ -432,7 +437,7 @@ def evaluate_tofu(
         answers = greedy_generate(
             model,
             tokenizer,
-            [it.question for it in items],
+            [opts.prompt(it.question) for it in items],
             max_new_tokens=opts.max_new_tokens,
             batch_size=opts.batch_size,
             max_length=opts.max_length,

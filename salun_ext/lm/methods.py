@@ -189,6 +189,9 @@ class RMU(LMMethod):
         from salun_ext.lm.evaluate import _autocast
 
         device = next(model.parameters()).device
+        layers = len(decoder_layers(model))
+        if not 0 <= task.rmu_layer < layers:
+            raise UsageError(f"rmu_layer {task.rmu_layer} is out of range: the model has {layers} decoder layers")
         hidden = model.config.hidden_size
         gen = torch.Generator().manual_seed(task.seed)
         u = torch.rand(hidden, generator=gen)

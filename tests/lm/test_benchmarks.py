@@ -149,6 +149,7 @@ def test_loaders_read_the_published_layouts_and_name_bad_fields(tmp_path):
     assert B.load_retain_truth_ratios(str(tmp_path / "own.json")) == [0.1, 0.2]
     (tmp_path / "auc.json").write_text(json.dumps({"mia_min_k": {"agg_value": 0.8}}))
     assert B.load_retain_auc(str(tmp_path / "auc.json")) == pytest.approx(0.2)  # the opposite convention
+    assert B.BenchmarkOptions(question_template="[INST] {question} [/INST]").prompt("Who?") == "[INST] Who? [/INST]"
     (tmp_path / "nothing.json").write_text("{}")
     with pytest.raises(UsageError, match=r"nothing\.json: no truth ratios"):
         B.load_retain_truth_ratios(str(tmp_path / "nothing.json"))

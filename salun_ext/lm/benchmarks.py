@@ -15,7 +15,8 @@ perturbed_mean="geometric" averages the per-token log-probs of the perturbed ans
 MUSE (Shi et al., 2024):
   verbmem   mean ROUGE-L F1 of the greedy continuation of each forget prefix against the true continuation
   knowmem   mean ROUGE-L F1 of the greedy answer to "Question: q\\nAnswer:" (forget QA and retain QA)
-  privleak  Min-K% Prob membership attack, score = -(mean of the lowest k fraction of the text's token log-probs);
+  privleak  Min-K% Prob membership attack, score = -(mean of the lowest k fraction of the text's token log-probs,
+            the first token and the EOS left out);
             AUC = roc_auc_score(forget = 1, holdout = 0) of that score (MUSE's convention: a model that still
             knows the forget texts has AUC near 0, the retain model about 0.5);
             PrivLeak = (AUC - AUC_retain) / AUC_retain * 100 (negative: the forget set still leaks)
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from salun_ext.lm.data import IGNORE_INDEX, Encoded, TextExample, collate, encode
+from salun_ext.lm.evaluate import _autocast
 from salun_ext.utils.errors import MissingFileError, UsageError
 
 TOFU_SPLITS = ("forget", "retain", "real_authors", "world_facts")
@@ -304,11 +306,6 @@ def load_retain_auc(path: str) -> float:
 # ------------------------------------------------------------------------------------------------ model scoring
 
 
-def _autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def token_logprobs(
     model: torch.nn.Module, examples: Sequence[Encoded], *, batch_size: int, pad_id: int, amp: str = "none"
@@ -500,9 +497,10 @@ def evaluate_muse(
         scores = {}
         for part in ("privleak_forget", "privleak_holdout"):
             texts = [TextExample(t) for (t,) in data[part]]
+            encoded = [_without_eos(e, tokenizer.eos_token_id) for e in encode(texts, tokenizer, opts.max_length)]
             logps = token_logprobs(
                 model,
-                encode(texts, tokenizer, opts.max_length),
+                encoded,
                 batch_size=opts.batch_size,
                 pad_id=tokenizer.pad_token_id,
                 amp=opts.amp,
@@ -516,6 +514,13 @@ def evaluate_muse(
             "k": opts.min_k,
         }
     return result
+
+
+def _without_eos(e: Encoded, eos: int | None) -> Encoded:
+    """The text's own tokens: the attack scores the text, not the EOS that encode() appends."""
+    if eos is not None and len(e.input_ids) > 2 and e.input_ids[-1] == eos:
+        return Encoded(e.input_ids[:-1], e.prompt_len)
+    return e
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:

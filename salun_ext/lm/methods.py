@@ -144,6 +144,8 @@ class GradDiff(LMMethod):
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a transformers causal LM (Llama/Mistral/Qwen: model.model.layers; GPT-2: transformer.h)."""
+    for wrapper in ("_orig_mod", "module"):  # torch.compile, then DistributedDataParallel
+        model = getattr(model, wrapper, model)
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
         module: Any = model
         for part in path.split("."):
@@ -156,7 +158,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def layer_output(model: torch.nn.Module, layer: int, batch: dict) -> torch.Tensor:
-    """The hidden states [B, T, H] that decoder layer `layer` outputs (a forward hook; the rest of the pass runs)."""
+    """The hidden states [B, T, H] that decoder layer `layer` outputs (a forward hook; the rest of the pass runs).
+
+    `model` may be the Engine's DDP / compiled wrapper: the hook goes on the inner layer, the forward through it.
+    """
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise UsageError(f"rmu_layer {layer} is out of range: the model has {len(layers)} decoder layers")

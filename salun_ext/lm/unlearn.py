@@ -160,14 +160,24 @@ def unlearn_lm(
     fingerprint = {"method": hyper, "data": texts} if options.checkpoint_dir else None
     params = method.trainable(model, task)  # RMU: its layers only (the mask keeps ranking every weight)
     trained_mask = mask.subset([n for n, _ in params]) if mask is not None and params is not None else mask
-    result = fit(
-        model,
-        task,
-        cfg.recipe(),
-        options,
-        mask=trained_mask,
-        params=params,
-        desc=f"lm {cfg.method}",
-        fingerprint=fingerprint,
-    )
+    # the other parameters stop requiring grad during the run: no wasted gradients, and DDP does not wait for
+    # the gradients of layers after RMU's (unused by its loss); restored afterwards
+    chosen = {id(p) for _, p in params} if params is not None else None
+    frozen = [p for p in model.parameters() if chosen is not None and id(p) not in chosen and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        result = fit(
+            model,
+            task,
+            cfg.recipe(),
+            options,
+            mask=trained_mask,
+            params=params,
+            desc=f"lm {cfg.method}",
+            fingerprint=fingerprint,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

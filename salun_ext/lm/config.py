@@ -35,7 +35,7 @@ class LMUnlearnConfig:
     saliency_loss: str = "nll"  # the mask's loss: "nll" (forget NLL) or "method" (the method's forget loss)
     retain_loss: str = "nll"  # retain term: "nll" or "kl" (KL(ref || theta) on retain examples)
     kl_reference: str = "cache"  # "kl": the reference's log-probs cached up front, or a frozen "copy" of the model
-    margin: float = 0.0  # SimNPO's gamma
+    margin: float = 0.0  # SimNPO's gamma, as the paper writes it (its authors' code subtracts beta * gamma)
     rmu_layer: int = 7  # RMU: the decoder layer whose output is steered
     rmu_coeff: float = 6.5  # RMU: steering coefficient c (forget activations -> c * u)
     rmu_params: str | None = None  # RMU: regex of the trained parameters (None: layers l-2..l mlp.down_proj)

@@ -93,6 +93,52 @@ def _prepare(tokenizer, forget, retain, cfg: LMUnlearnConfig, seed: int):
     return forget_ids, retain_ids, method
 
 
+def _task(forget_ids, retain_ids, cfg: LMUnlearnConfig, pad: int, seed: int, reference) -> LMUnlearnTask:
+    return LMUnlearnTask(
+        forget_ids,
+        retain_ids,
+        method=cfg.method,
+        batch_size=cfg.batch_size,
+        pad_id=pad,
+        seed=seed,
+        forget_weight=cfg.forget_weight,
+        retain_weight=cfg.retain_weight if retain_ids else 0.0,
+        beta=cfg.beta,
+        reference_logps=reference,
+        margin=cfg.margin,
+        retain_loss=cfg.retain_loss,
+        kl_reference=cfg.kl_reference,
+        rmu_layer=cfg.rmu_layer,
+        rmu_coeff=cfg.rmu_coeff,
+        rmu_params=cfg.rmu_params,
+    )
+
+
+def _fit_trainable(model, task, params, cfg: LMUnlearnConfig, options: RunOptions, mask, fingerprint) -> FitResult:
+    """fit() on `params` (None: every parameter), the mask restricted to them (RMU trains its layers only)."""
+    trained_mask = mask.subset([n for n, _ in params]) if mask is not None and params is not None else mask
+    # the other parameters stop requiring grad during the run: no wasted gradients, and DDP does not wait for
+    # the gradients of layers after RMU's (unused by its loss); restored afterwards
+    chosen = {id(p) for _, p in params} if params is not None else None
+    frozen = [p for p in model.parameters() if chosen is not None and id(p) not in chosen and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return fit(
+            model,
+            task,
+            cfg.recipe(),
+            options,
+            mask=trained_mask,
+            params=params,
+            desc=f"lm {cfg.method}",
+            fingerprint=fingerprint,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def unlearn_lm(
     model: torch.nn.Module,
     tokenizer,
@@ -118,24 +164,7 @@ def unlearn_lm(
     reference = None
     if method.needs_reference:  # the frozen initial model's log-probs: computed once, no second model in memory
         reference = sequence_logps(model, forget_ids, batch_size=cfg.batch_size, pad_id=pad, amp=amp)
-    task = LMUnlearnTask(
-        forget_ids,
-        retain_ids,
-        method=cfg.method,
-        batch_size=cfg.batch_size,
-        pad_id=pad,
-        seed=options.seed,
-        forget_weight=cfg.forget_weight,
-        retain_weight=cfg.retain_weight if retain_ids else 0.0,
-        beta=cfg.beta,
-        reference_logps=reference,
-        margin=cfg.margin,
-        retain_loss=cfg.retain_loss,
-        kl_reference=cfg.kl_reference,
-        rmu_layer=cfg.rmu_layer,
-        rmu_coeff=cfg.rmu_coeff,
-        rmu_params=cfg.rmu_params,
-    )
+    task = _task(forget_ids, retain_ids, cfg, pad, options.seed, reference)
     task.prepare(model, amp=amp)  # KL reference, RMU targets: on the initial model
     start = time.perf_counter()
     if mask is None and cfg.mask_ratio is not None:
@@ -158,26 +187,5 @@ def unlearn_lm(
     hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "max_steps")}
     texts = {"forget": [(e.input_ids, e.prompt_len) for e in forget_ids], "retain": [e.input_ids for e in retain_ids]}
     fingerprint = {"method": hyper, "data": texts} if options.checkpoint_dir else None
-    params = method.trainable(model, task)  # RMU: its layers only (the mask keeps ranking every weight)
-    trained_mask = mask.subset([n for n, _ in params]) if mask is not None and params is not None else mask
-    # the other parameters stop requiring grad during the run: no wasted gradients, and DDP does not wait for
-    # the gradients of layers after RMU's (unused by its loss); restored afterwards
-    chosen = {id(p) for _, p in params} if params is not None else None
-    frozen = [p for p in model.parameters() if chosen is not None and id(p) not in chosen and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        result = fit(
-            model,
-            task,
-            cfg.recipe(),
-            options,
-            mask=trained_mask,
-            params=params,
-            desc=f"lm {cfg.method}",
-            fingerprint=fingerprint,
-        )
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    result = _fit_trainable(model, task, method.trainable(model, task), cfg, options, mask, fingerprint)
     return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

@@ -479,6 +479,16 @@ def check_lm_cli_ddp(rank, world, ctx):
     assert metrics["train"]["steps"] == 2 * (4 // world)  # 4 forget examples, batch 1, shared out over the ranks
     mask = __import__("salun_ext").SaliencyMask.load(out / "lm_out" / "mask.safetensors")
     assert mask.count() == mask.k and mask.shard is None
+    # RMU trains one layer (its loss leaves later layers without gradients: DDP must not wait for them) and
+    # GradDiff's KL retain term reads the cached reference on every rank
+    for method, extra in (
+        ("rmu", ["--rmu-layer", "0", "--saliency-loss", "method"]),
+        ("graddiff", ["--retain-loss", "kl"]),
+    ):
+        run = [*argv[: argv.index("--out") + 1], str(out / f"lm_{method}"), *argv[argv.index("--out") + 2 :]]
+        run[run.index("--method") + 1] = method
+        assert main([*run, "--max-steps", "1", "--eval", "none", *extra]) == 0
+        assert json.loads((out / f"lm_{method}" / "metrics.json").read_text())["train"]["steps"] == 1
 
 
 CLS_FAST = ["--no-progress", "--device", "cpu", "--forget-ratio", "0.1"]

@@ -20,7 +20,7 @@ def register(sub) -> None:
     lm = sub.add_parser("lm", help="language-model unlearning (transformers causal LMs)")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True, metavar="ACTION")
 
-    un = lm_sub.add_parser("unlearn", help="SalUn-masked GA / NPO / IDK / random-label unlearning of a causal LM")
+    un = lm_sub.add_parser("unlearn", help="SalUn-masked unlearning of a causal LM (GA, NPO, SimNPO, RMU, ...)")
     _data_args(un)
     un.add_argument("--out", required=True, help="output folder: model/, mask.safetensors, metrics.json, checkpoints/")
     un.add_argument("--method", choices=list(lm_methods()), default="npo")
@@ -28,7 +28,28 @@ def register(sub) -> None:
     mask.add_argument("--mask-ratio", type=float, default=0.5, help="SalUn: fraction of weights that train (0.5)")
     mask.add_argument("--no-mask", action="store_true", help="the plain method: every weight trains")
     mask.add_argument("--mask", metavar="FILE", help="use a saved mask (.safetensors) instead of computing one")
-    un.add_argument("--beta", type=float, default=0.1, help="NPO temperature (0.1)")
+    un.add_argument("--beta", type=float, default=None, help="NPO / SimNPO temperature (NPO 0.1, SimNPO 2.5)")
+    un.add_argument("--margin", type=float, default=0.0, help="SimNPO's margin gamma (0)")
+    un.add_argument(
+        "--retain-loss", choices=["nll", "kl"], default="nll", help="retain term: NLL or KL(ref || theta) (nll)"
+    )
+    un.add_argument(
+        "--kl-reference",
+        choices=["cache", "copy"],
+        default="cache",
+        help="KL retain: the reference's log-probs cached up front (CPU memory) or a frozen model copy (device)",
+    )
+    un.add_argument("--rmu-layer", type=int, default=7, help="RMU: decoder layer whose output is steered (7)")
+    un.add_argument("--rmu-coeff", type=float, default=6.5, help="RMU: steering coefficient c (6.5)")
+    un.add_argument(
+        "--rmu-params", default=None, help="RMU: regex of the trained parameters (default layers l-2..l down_proj)"
+    )
+    un.add_argument(
+        "--saliency-loss",
+        choices=["nll", "method"],
+        default="nll",
+        help="SalUn mask from the forget NLL (default) or from the method's own forget loss",
+    )
     un.add_argument("--forget-weight", type=float, default=1.0, help="gamma: weight of the forget loss (1)")
     un.add_argument("--retain-weight", type=float, default=1.0, help="alpha: weight of the retain NLL (1; 0 = none)")
     un.add_argument("--lr", type=float, default=1e-5)
@@ -45,16 +66,42 @@ def register(sub) -> None:
     un.add_argument("--eval", choices=["after", "both", "none"], default="after", help="evaluate after/before+after")
     un.set_defaults(handler=run_unlearn)
 
-    ev = lm_sub.add_parser("evaluate", help="forget/retain loss and perplexity, verbatim completion on forget")
-    _data_args(ev)
+    ev = lm_sub.add_parser(
+        "evaluate", help="forget/retain loss and perplexity, verbatim completion on forget; or TOFU / MUSE metrics"
+    )
+    _data_args(ev, forget_required=False)
     ev.add_argument("--out", default=None, help="write the metrics to this JSON file")
+    ev.add_argument("--benchmark", choices=["tofu", "muse"], default=None, help="TOFU or MUSE metrics on --data")
+    ev.add_argument("--data", default=None, help="folder of the benchmark's files (see docs/lm.md)")
+    ev.add_argument("--forget-split", default="forget10", help="TOFU: reads FORGET_SPLIT_perturbed.json (forget10)")
+    ev.add_argument("--retain-results", default=None, help="JSON of the retain model's truth ratios / Min-K%% AUC")
+    ev.add_argument("--retain-model", default=None, help="or the retain model's folder (scored on the same files)")
+    ev.add_argument(
+        "--truth-ratio-mean",
+        choices=["arithmetic", "geometric"],
+        default="arithmetic",
+        help="TOFU: mean of the perturbed answers' probs (paper) or of their log-probs (reference code)",
+    )
+    ev.add_argument(
+        "--question-template",
+        default="{question}",
+        help="TOFU: the prompt of a question, e.g. '[INST] {question} [/INST]' ({question} by default)",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=200, help="TOFU: tokens of a greedy answer (200)")
+    ev.add_argument("--verbmem-tokens", type=int, default=128, help="MUSE: tokens of a verbmem continuation")
+    ev.add_argument("--knowmem-tokens", type=int, default=32, help="MUSE: tokens of a knowmem answer")
+    ev.add_argument("--min-k", type=float, default=0.4, help="MUSE privleak: Min-K%% fraction (0.4)")
     ev.set_defaults(handler=run_evaluate)
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, *, forget_required: bool = True) -> None:
     add_config_flag(p)
     p.add_argument("--model", required=True, help="local model folder (save_pretrained layout) or hub id")
-    p.add_argument("--forget", required=True, help="forget set: .jsonl / .json records or a text file (a line each)")
+    p.add_argument(
+        "--forget",
+        required=forget_required,
+        help="forget set: .jsonl / .json records or a text file (a line each)",
+    )
     p.add_argument("--retain", default=None, help="retain set (same formats)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batch-size", type=int, default=8)
@@ -123,6 +170,13 @@ def _config(args):
         max_length=args.max_length,
         grad_clip=args.grad_clip or None,
         saliency_batches=args.saliency_batches,
+        saliency_loss=args.saliency_loss,
+        retain_loss=args.retain_loss,
+        kl_reference=args.kl_reference,
+        margin=args.margin,
+        rmu_layer=args.rmu_layer,
+        rmu_coeff=args.rmu_coeff,
+        rmu_params=args.rmu_params,
     )
 
 
@@ -157,14 +211,63 @@ def run_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_benchmark(metrics: dict) -> None:
+    from salun_ext.distributed import main_print
+
+    main_print(f"{metrics['model']} on {metrics['benchmark']} ({metrics['data']}):")
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            shown = {k: v for k, v in value.items() if isinstance(v, (int, float)) or v is None}
+            main_print(
+                f"  {key:<16} " + "  ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in shown.items())
+            )
+        elif key in ("forget_quality", "model_utility"):
+            main_print(f"  {key:<16} {value:.4g}" if value is not None else f"  {key:<16} - (not computed)")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from salun_ext.lm.workflows import evaluate_texts
-    from salun_ext.utils import write_json
+    from salun_ext.utils import UsageError, write_json
 
+    if args.benchmark:
+        return _run_benchmark(args)
+    if not args.forget:
+        raise UsageError("lm evaluate: give --forget (loss / verbatim evaluation) or --benchmark tofu|muse --data DIR")
     with distributed_session(args) as ctx:
         model, tokenizer, forget, retain = _source(args).load(ctx.device)
         metrics = evaluate_texts(model, tokenizer, forget, retain, _evaluation(args))
         _print_metrics(f"{args.model}:", metrics)
+        if args.out and ctx.is_main:
+            write_json(metrics, args.out)
+    return 0
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from salun_ext.lm.benchmarks import BenchmarkOptions
+    from salun_ext.lm.workflows import BenchmarkSpec, evaluate_benchmark
+    from salun_ext.utils import UsageError, write_json
+
+    if not args.data:
+        raise UsageError(f"--benchmark {args.benchmark} needs --data DIR (the benchmark's files)")
+    options = BenchmarkOptions(
+        batch_size=args.eval_batch_size,
+        max_length=args.max_length,
+        amp=args.amp,
+        max_new_tokens=args.max_new_tokens,
+        perturbed_mean=args.truth_ratio_mean,
+        verbmem_tokens=args.verbmem_tokens,
+        knowmem_tokens=args.knowmem_tokens,
+        min_k=args.min_k,
+        question_template=args.question_template,
+    )
+    spec = BenchmarkSpec(
+        args.benchmark, args.data, args.forget_split, args.retain_results, args.retain_model, options=options
+    )
+    with distributed_session(args) as ctx:  # every rank scores everything; rank 0 writes
+        metrics = evaluate_benchmark(
+            args.model, spec, device=ctx.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        )
+        _print_benchmark(metrics)
         if args.out and ctx.is_main:
             write_json(metrics, args.out)
     return 0

@@ -5,7 +5,7 @@ See docs/lm.md. Needs `transformers` (pip install salun-ext[lm]).
 
 from salun_ext.lm.data import TextExample, collate, encode, load_texts
 from salun_ext.lm.evaluate import evaluate_lm, sequence_logps, text_loss, verbatim_completion
-from salun_ext.lm.losses import npo_loss, target_logprobs
+from salun_ext.lm.losses import kl_to_reference, npo_loss, simnpo_loss, target_logprobs
 from salun_ext.lm.methods import METHODS, LMMethod
 from salun_ext.lm.model import load_causal_lm, save_causal_lm
 from salun_ext.lm.tasks import LMUnlearnTask
@@ -21,12 +21,14 @@ __all__ = [
     "collate",
     "encode",
     "evaluate_lm",
+    "kl_to_reference",
     "lm_saliency",
     "load_causal_lm",
     "load_texts",
     "npo_loss",
     "save_causal_lm",
     "sequence_logps",
+    "simnpo_loss",
     "target_logprobs",
     "text_loss",
     "unlearn_lm",

@@ -6,7 +6,9 @@
 
 SalUn for LMs: the saliency of every weight is |gradient of the forget NLL| summed over the forget set
 (compute_saliency over the whole model); the `mask_ratio` most salient weights are the only ones the masked
-AdamW updates. mask_ratio=None runs the plain method (every weight trains).
+AdamW updates. mask_ratio=None runs the plain method (every weight trains). saliency_loss="method" ranks the
+weights by the gradient of the method's own forget loss instead (on the examples it trains on: relabelled ones
+for idk / random_label, RMU's steering loss, NPO / SimNPO's loss at the initial model).
 """
 
 from __future__ import annotations
@@ -16,53 +18,16 @@ from collections.abc import Sequence
 
 import torch
 
+from salun_ext.lm.config import LMUnlearnConfig
 from salun_ext.lm.data import TextExample, collate, encode
 from salun_ext.lm.evaluate import sequence_logps
 from salun_ext.lm.losses import mean_nll, target_logprobs
 from salun_ext.lm.methods import METHODS
 from salun_ext.lm.tasks import LMUnlearnTask
 from salun_ext.mask import SaliencyMask
-from salun_ext.train import FitResult, OptimConfig, RunOptions, TrainRecipe, fit
-from salun_ext.utils.errors import UsageError
+from salun_ext.train import FitResult, RunOptions, fit
 
-
-@dataclasses.dataclass
-class LMUnlearnConfig:
-    """What the method does. Defaults follow the TOFU / NPO recipes (AdamW 1e-5, wd 0.01, beta 0.1, gamma = alpha
-    = 1). How it runs (seed, device, precision, checkpoints, processes) is the RunOptions'."""
-
-    method: str = "npo"  # a name of lm.methods.METHODS
-    mask_ratio: float | None = 0.5  # SalUn; None = the plain method
-    beta: float = 0.1  # NPO temperature
-    forget_weight: float = 1.0  # gamma
-    retain_weight: float = 1.0  # alpha (0 = no retain loss)
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    epochs: int | None = 5
-    max_steps: int | None = None
-    warmup_steps: int = 0
-    batch_size: int = 4
-    max_length: int = 256
-    grad_clip: float | None = 1.0
-    saliency_batches: int | None = None  # forget batches used for the mask (None: all)
-
-    def __post_init__(self) -> None:
-        self.method = METHODS.key(self.method)
-        if self.mask_ratio is not None and not 0 < self.mask_ratio <= 1:
-            raise UsageError(f"mask_ratio must be in (0, 1] or None, got {self.mask_ratio}")
-        if self.batch_size < 1 or self.max_length < 2:
-            raise UsageError("batch_size must be >= 1 and max_length >= 2")
-
-    def recipe(self) -> TrainRecipe:
-        return TrainRecipe(
-            epochs=self.epochs,
-            max_steps=self.max_steps,
-            optimizer=OptimConfig("adamw", lr=self.lr, weight_decay=self.weight_decay),
-            schedule="constant",
-            schedule_unit="step",
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-        )
+__all__ = ["LMUnlearnConfig", "LMUnlearnResult", "lm_saliency", "unlearn_lm"]
 
 
 @dataclasses.dataclass
@@ -83,8 +48,11 @@ def lm_saliency(
     max_batches: int | None = None,
     process_group=None,
     progress: bool = True,
+    forget_term=None,
 ) -> SaliencyMask:
     """SalUn's mask for a causal LM: |sum of forget-NLL gradients| over the forget set, top `ratio` of all weights.
+
+    forget_term(model, batch, index) -> loss replaces the NLL (e.g. a method's forget_term).
 
     With a process group each rank takes every world-th batch and the gradient sums are all-reduced once.
     """
@@ -100,6 +68,9 @@ def lm_saliency(
     def loss_fn(m, start):
         batch = {k: v.to(device) for k, v in collate(forget[start : start + batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if forget_term is not None:
+                index = torch.arange(start, min(start + batch_size, len(forget)))
+                return forget_term(m, batch, index)
             logps, counts = target_logprobs(m, batch)
         return mean_nll(logps, counts)
 
@@ -120,6 +91,52 @@ def _prepare(tokenizer, forget, retain, cfg: LMUnlearnConfig, seed: int):
     retain_ids = encode(retain, tokenizer, cfg.max_length) if retain else []
     forget_ids = method.prepare_forget(forget_ids, retain_ids, tokenizer, seed=seed, max_length=cfg.max_length)
     return forget_ids, retain_ids, method
+
+
+def _task(forget_ids, retain_ids, cfg: LMUnlearnConfig, pad: int, seed: int, reference) -> LMUnlearnTask:
+    return LMUnlearnTask(
+        forget_ids,
+        retain_ids,
+        method=cfg.method,
+        batch_size=cfg.batch_size,
+        pad_id=pad,
+        seed=seed,
+        forget_weight=cfg.forget_weight,
+        retain_weight=cfg.retain_weight if retain_ids else 0.0,
+        beta=cfg.beta,
+        reference_logps=reference,
+        margin=cfg.margin,
+        retain_loss=cfg.retain_loss,
+        kl_reference=cfg.kl_reference,
+        rmu_layer=cfg.rmu_layer,
+        rmu_coeff=cfg.rmu_coeff,
+        rmu_params=cfg.rmu_params,
+    )
+
+
+def _fit_trainable(model, task, params, cfg: LMUnlearnConfig, options: RunOptions, mask, fingerprint) -> FitResult:
+    """fit() on `params` (None: every parameter), the mask restricted to them (RMU trains its layers only)."""
+    trained_mask = mask.subset([n for n, _ in params]) if mask is not None and params is not None else mask
+    # the other parameters stop requiring grad during the run: no wasted gradients, and DDP does not wait for
+    # the gradients of layers after RMU's (unused by its loss); restored afterwards
+    chosen = {id(p) for _, p in params} if params is not None else None
+    frozen = [p for p in model.parameters() if chosen is not None and id(p) not in chosen and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return fit(
+            model,
+            task,
+            cfg.recipe(),
+            options,
+            mask=trained_mask,
+            params=params,
+            desc=f"lm {cfg.method}",
+            fingerprint=fingerprint,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def unlearn_lm(
@@ -144,11 +161,18 @@ def unlearn_lm(
     amp = options.amp or "none"
     pad = tokenizer.pad_token_id
     forget_ids, retain_ids, method = _prepare(tokenizer, forget, retain, cfg, options.seed)
+    reference = None
+    if method.needs_reference:  # the frozen initial model's log-probs: computed once, no second model in memory
+        reference = sequence_logps(model, forget_ids, batch_size=cfg.batch_size, pad_id=pad, amp=amp)
+    task = _task(forget_ids, retain_ids, cfg, pad, options.seed, reference)
+    task.prepare(model, amp=amp)  # KL reference, RMU targets: on the initial model
     start = time.perf_counter()
     if mask is None and cfg.mask_ratio is not None:
+        by_method = cfg.saliency_loss == "method"
         mask = lm_saliency(
             model,
-            encode(forget, tokenizer, cfg.max_length),  # the original forget answers, also for relabelling methods
+            # the NLL of the original forget answers (also for relabelling methods), or the method's own loss
+            task.forget if by_method else encode(forget, tokenizer, cfg.max_length),
             cfg.mask_ratio,
             batch_size=cfg.batch_size,
             pad_id=pad,
@@ -156,26 +180,12 @@ def unlearn_lm(
             max_batches=cfg.saliency_batches,
             process_group=options.mask_group(),
             progress=options.progress,
+            forget_term=(lambda m, b, i: method.forget_term(m, b, i, task)) if by_method else None,
         )
     mask_seconds = time.perf_counter() - start
-    reference = None
-    if method.needs_reference:  # the frozen initial model's log-probs: computed once, no second model in memory
-        reference = sequence_logps(model, forget_ids, batch_size=cfg.batch_size, pad_id=pad, amp=amp)
-    task = LMUnlearnTask(
-        forget_ids,
-        retain_ids,
-        method=cfg.method,
-        batch_size=cfg.batch_size,
-        pad_id=pad,
-        seed=options.seed,
-        forget_weight=cfg.forget_weight,
-        retain_weight=cfg.retain_weight if retain_ids else 0.0,
-        beta=cfg.beta,
-        reference_logps=reference,
-    )
     # a resume must match the method, its hyperparameters and the texts (a larger step budget may continue it)
     hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "max_steps")}
     texts = {"forget": [(e.input_ids, e.prompt_len) for e in forget_ids], "retain": [e.input_ids for e in retain_ids]}
     fingerprint = {"method": hyper, "data": texts} if options.checkpoint_dir else None
-    result = fit(model, task, cfg.recipe(), options, mask=mask, desc=f"lm {cfg.method}", fingerprint=fingerprint)
+    result = _fit_trainable(model, task, method.trainable(model, task), cfg, options, mask, fingerprint)
     return LMUnlearnResult(mask=mask, fit=result, mask_seconds=mask_seconds)

@@ -2,6 +2,7 @@
 
     unlearn_folder(source, config, options, out, ...)   load -> (evaluate) -> mask -> unlearn -> (evaluate) -> write
     evaluate_texts(model, tokenizer, texts, ...)         forget/retain loss and perplexity, verbatim completion
+    evaluate_benchmark(model, spec, ...)                 TOFU / MUSE metrics on a local folder (lm/benchmarks.py)
 Outputs (rank 0): out/model/ (save_pretrained), out/mask.safetensors (a computed mask), out/metrics.json,
 out/checkpoints/ (Engine checkpoints: --resume continues from them).
 """
@@ -13,6 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
+from salun_ext.lm import benchmarks
 from salun_ext.lm.data import TextExample, encode, load_texts
 from salun_ext.lm.evaluate import evaluate_lm
 from salun_ext.lm.model import load_causal_lm, save_causal_lm
@@ -132,3 +134,56 @@ def unlearn_folder(
     if ctx is not None:
         ctx.barrier()
     return metrics
+
+
+@dataclasses.dataclass
+class BenchmarkSpec:
+    """`salun-ext lm evaluate --benchmark`: which benchmark, its folder, and where the retain model's numbers are."""
+
+    name: str  # "tofu" or "muse"
+    data: str  # the folder of the benchmark's files (lm/benchmarks.py)
+    forget_split: str = "forget10"  # TOFU: {forget_split}_perturbed
+    retain_results: str | None = None  # JSON: the retain model's truth ratios (TOFU) / Min-K% AUC (MUSE)
+    retain_model: str | None = None  # or the retain model itself (scored here on the same files)
+    options: benchmarks.BenchmarkOptions = dataclasses.field(default_factory=benchmarks.BenchmarkOptions)
+
+
+def evaluate_benchmark(
+    model_path: str, spec: BenchmarkSpec, *, device: Any = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+) -> dict:
+    """TOFU or MUSE metrics of the model at `model_path` (the files are read before any model is loaded)."""
+    if spec.name not in ("tofu", "muse"):
+        raise UsageError(f"--benchmark must be tofu or muse, got {spec.name!r}")
+    if spec.retain_results and spec.retain_model:
+        raise UsageError("give the retain model's numbers as --retain-results FILE or --retain-model DIR, not both")
+    opts = spec.options
+
+    def load(path: str):
+        return load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+    if spec.name == "tofu":
+        data = benchmarks.load_tofu(spec.data, forget_split=spec.forget_split)
+        reference = benchmarks.load_retain_truth_ratios(spec.retain_results) if spec.retain_results else None
+        if spec.retain_model:
+            retain_model, retain_tokenizer = load(spec.retain_model)
+            scored = benchmarks.tofu_truth_ratios(retain_model, retain_tokenizer, data["forget"], opts)
+            reference = [float(r) for r in scored["ratios"]]
+            del retain_model
+        model, tokenizer = load(model_path)
+        result = benchmarks.evaluate_tofu(model, tokenizer, data, retain_truth_ratios=reference, options=opts)
+    else:
+        data = benchmarks.load_muse(spec.data)
+        retain_auc = benchmarks.load_retain_auc(spec.retain_results) if spec.retain_results else None
+        if spec.retain_model:
+            if "privleak_forget" not in data:
+                raise UsageError("--retain-model: MUSE's retain model is used for privleak: give privleak files")
+            retain_model, retain_tokenizer = load(spec.retain_model)
+            privacy = {k: v for k, v in data.items() if k.startswith("privleak")}
+            retain_auc = benchmarks.evaluate_muse(retain_model, retain_tokenizer, privacy, options=opts)["privleak"][
+                "auc"
+            ]
+            del retain_model
+        model, tokenizer = load(model_path)
+        result = benchmarks.evaluate_muse(model, tokenizer, data, retain_auc=retain_auc, options=opts)
+    result.update(model=model_path, data=spec.data)
+    return result

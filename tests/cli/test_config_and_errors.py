@@ -56,7 +56,8 @@ def test_flags_win_over_the_file_for_every_family(tmp_path):
     args = parse_args(["lm", "unlearn", "--config", str(path), "--out", "o", "--lr", "0.25"])
     assert (args.model, args.forget, args.epochs, args.method) == ("m", "f.jsonl", 3, "ga") and args.lr == 0.25
     path.write_text(json.dumps({"model": "m", "forget": "f", "method": "dpo"}))
-    with pytest.raises(UsageError, match="expected one of ga, npo, idk, random_label; got 'dpo'"):
+    methods = "ga, npo, idk, random_label, simnpo, graddiff, rmu"
+    with pytest.raises(UsageError, match=f"expected one of {methods}; got 'dpo'"):
         parse_args(["lm", "unlearn", "--config", str(path), "--out", "o"])
 
 

@@ -21,55 +21,10 @@ from salun_ext.lm import (  # noqa: E402
     load_texts,
     npo_loss,
     unlearn_lm,
-    verbatim_completion,
 )
 from salun_ext.lm.data import IGNORE_INDEX, relabel  # noqa: E402
 from salun_ext.train import RunOptions  # noqa: E402
-from tests.lm_fixtures import FORGET, RETAIN, build_tiny_lm, write_text_sets  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    return write_text_sets(tmp_path_factory.mktemp("texts"))
-
-
-class _Memorize:
-    """Engine task that trains the tiny LM on forget + retain until it reproduces them (the test's "before")."""
-
-    def __init__(self, examples, pad_id):
-        self.examples, self.pad_id = examples, pad_id
-
-    def batches(self, epoch):
-        return [collate(self.examples, self.pad_id)]
-
-    def loss(self, model, batch):
-        return model(**batch).loss
-
-
-@pytest.fixture(scope="module")
-def memorized(lm_dir, tmp_path_factory):
-    """The tiny LM after memorising the forget set: its answers are reproduced verbatim."""
-    from salun_ext.train.engine import Engine, EngineConfig, OptimConfig
-
-    model, tokenizer = load_causal_lm(str(lm_dir), dtype="fp32")
-    forget = [TextExample(r["answer"], r["question"]) for r in FORGET]
-    retain = [TextExample(t) for t in RETAIN]
-    examples = encode(forget, tokenizer, 64)
-    config = EngineConfig(epochs=40, optimizer=OptimConfig("adamw", lr=2e-2, weight_decay=0.0), progress=False, seed=0)
-    for _ in range(8):  # rounds of 40 epochs until the answers come back verbatim (robust to kernel numerics)
-        Engine(model, config).fit(_Memorize(examples, tokenizer.pad_token_id))
-        if verbatim_completion(model, tokenizer, examples)["token_accuracy"] > 0.95:
-            break
-    folder = tmp_path_factory.mktemp("memorized")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, forget, retain
-
+from tests.lm_fixtures import FORGET, RETAIN  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------ data
 
@@ -136,7 +91,8 @@ def test_task_batches_are_seeded_and_paired(lm_dir):
     assert first[0]["input_ids"].shape[0] == 2 * first[0]["index"].numel()  # forget rows + as many retain rows
     with pytest.raises(ValueError, match="reference_logps"):
         LMUnlearnTask(forget, retain, method="npo", batch_size=2, pad_id=0)
-    with pytest.raises(ValueError, match="unknown LM method 'dpo'; available: ga, npo, idk, random_label"):
+    names = "ga, npo, idk, random_label, simnpo, graddiff, rmu"
+    with pytest.raises(ValueError, match=f"unknown LM method 'dpo'; available: {names}"):
         LMUnlearnTask(forget, retain, method="dpo", batch_size=2, pad_id=0)
 
 

@@ -351,3 +351,23 @@ def test_ssd_fisher_importance_is_the_mean_of_squared_batch_gradients():
         grad = (torch.softmax(logits, 1) - nn.functional.one_hot(y, 2).float()).t() @ x / len(x)  # d mean CE / dW
         want += grad.square() / 2
     assert torch.allclose(ssd.fisher_importance(model, batches, [model.weight])[0], want, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------- IU
+def test_iu_steps_along_the_scaled_forget_minus_retain_gradient():
+    # num_samples=1: the WoodFisher recursion is the identity (k = v), so the update is alpha * v exactly
+    forget, retain = _tagged(n_forget=12, n_retain=36)
+    data = UnlearnData(forget, retain, batch_size=10)
+    model = _linear()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def summed(ds):
+        x = ds.images.float() / 255
+        loss = nn.functional.cross_entropy(model(x), ds.labels, reduction="sum")
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+    n_f, n_r = 12, 36
+    v = summed(forget) / (n_f + n_r) - summed(retain) * n_f / ((n_f + n_r) * n_r)
+    get_method("iu", alpha=2.0, num_samples=1).run(model, data, OPTIONS)
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert torch.allclose(delta, 2.0 * v, rtol=1e-4, atol=1e-7)

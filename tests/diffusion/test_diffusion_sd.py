@@ -172,8 +172,7 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     r = recipe("sd-nsfw", method)
     kw = dict(r.task)
     if method.startswith("esd"):
-        # eta 10: a random tiny model barely separates eps(c) from eps(""), so eta 1 leaves nothing to regress
-        kw.update(sample_steps=3, batch_size=2, eta=10.0)
+        kw.update(sample_steps=3, batch_size=2)  # the recipe's eta 1 (its target: test_esd_target_* for DDPM)
     cols = sd.token_columns(NUDE, "nude") if method == "fmn" else None
     probe_task, _params = make_task(method, spec, unet, forget, retain, kw, fmn_columns=cols, seed=11)
     batches = list(probe_task.batches(0))[:2]
@@ -181,7 +180,7 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     if isinstance(probe_task, FMNTask):
         probe_task.remove()
     start = params_snapshot(unet)
-    lr = {"salun": 1e-3, "ga": 1e-3, "esd-x": 3e-3, "esd-u": 3e-4, "fmn": 3e-3}[method]
+    lr = {"salun": 1e-3, "ga": 1e-3, "esd-x": 3e-3, "esd-u": 3e-5, "fmn": 3e-3}[method]
     unlearn(
         method,
         "sd-nsfw",
@@ -202,7 +201,8 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     if isinstance(probe_task2, FMNTask):
         probe_task2.remove()
     if method == "ga":
-        assert after < before, (before, after)  # GA's loss is -MSE: it goes down as the MSE goes up
+        # GA's loss is -MSE: the forget MSE must at least double (observed: 1.03 -> 5.54), not merely rise
+        assert before < 0 and after < 2 * before, (before, after)
     else:
         assert after < 0.8 * before, (before, after)
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, start[n])}

@@ -169,7 +169,6 @@ def test_ga_raises_the_forget_eps_loss():
 
 def test_esd_u_regresses_onto_the_negatively_guided_target():
     model = micro_ddpm(seed=2)
-    forget, _ = forget_retain_sets(model, digits(), [7])
     task = ESDTask(model.spec, model.unet, [7], (1, 8, 8), eta=1.0, sample_steps=5, batch_size=8, seed=0)
     # the frozen copy is independent of the trained model
     assert all(not p.requires_grad for p in task.frozen.parameters())

@@ -70,15 +70,52 @@ def test_shadow_sets_follow_the_paper_and_subsample_when_asked():
     assert len(members) == len(non_members) == 10 and members.max() < 100 and non_members.max() < 30
 
 
-def test_mia_efficacy_per_feature():
-    # members are confident and correct, non-members are not; the forget set looks like non-members
-    confident = torch.tensor([[0.99, 0.01]] * 40)
-    unsure = torch.tensor([[0.55, 0.45]] * 40)
-    zeros = torch.zeros(40, dtype=torch.long)
-    result = mia_efficacy((confident, zeros), (unsure, zeros), (unsure[:8], zeros[:8]))
-    assert result == {"confidence": 100.0, "entropy": 100.0, "m_entropy": 100.0}
+def _synthetic_mia_sets(seed=14):
+    """Fixed synthetic softmax outputs with overlapping member / non-member confidences (3 classes).
+
+    retain: 40 confident rows (the first len(test): the attack's members) + 60 unsure rows the attack must not
+    use; test: 40 rows (non-members); forget: 30 rows in between. Legacy RandomState: the same on every machine."""
+    rng = np.random.RandomState(seed)
+
+    def rows(n, concentration):
+        y = rng.randint(0, 3, n)
+        alpha = np.ones((n, 3))
+        alpha[np.arange(n), y] = concentration
+        p = np.array([rng.dirichlet(a) for a in alpha])
+        return torch.tensor(p, dtype=torch.float32), torch.tensor(y)
+
+    head, tail = rows(40, 6.0), rows(60, 1.0)
+    retain = (torch.cat([head[0], tail[0]]), torch.cat([head[1], tail[1]]))
+    test, forget = rows(40, 2.0), rows(30, 3.5)
+    return retain, test, forget
+
+
+def test_mia_efficacy_matches_the_paper_codes_svc_mia():
+    # Expected numbers computed once (not by this library) from the definition in the paper code's
+    # Classification/evaluation/SVC_MIA.py (OPTML-Group/Unlearn-Saliency): SVC(C=3, gamma='auto', kernel='rbf')
+    # fit on shadow_train = the first len(test) retain rows (label 1) and shadow_test = the test rows (label 0),
+    # target_test = the forget rows, efficacy = 1 - mean(predict(target)); features p_y (gather of the true
+    # label's probability, shape (n, 1)) and the entropy -sum p log p, with scikit-learn's SVC on these inputs.
+    # They pin the attack: C=1 gives 43.33, gamma='scale' 36.67, C=100 43.33, all retain rows / the last 40 as
+    # members give other numbers (the last 40: 96.67).
+    retain, test, forget = _synthetic_mia_sets()
+    result = mia_efficacy(retain, test, forget, features=["confidence", "entropy"])
+    assert result["confidence"] == pytest.approx(100 * 16 / 30)  # 53.33
+    assert result["entropy"] == pytest.approx(100 * 22 / 30)  # 73.33
+    assert svc_attack(confidence(*retain)[:40], confidence(*test), confidence(*forget)) == pytest.approx(100 * 16 / 30)
     with pytest.raises(ValueError, match="unknown MIA feature"):
-        mia_efficacy((confident, zeros), (unsure, zeros), (unsure, zeros), features=["loss"])
+        mia_efficacy(retain, test, forget, features=["loss"])
+
+
+def test_mia_efficacy_uses_each_feature_of_the_softmax():
+    # members confident, non-members unsure; the forget set: confident rows for p_y and entropy, but with the
+    # wrong label for half of it -> only the label-aware features (confidence, m-entropy) call that half non-member
+    confident = torch.tensor([[0.9, 0.05, 0.05]] * 20 + [[0.97, 0.02, 0.01]] * 20)
+    unsure = torch.tensor([[0.5, 0.3, 0.2]] * 20 + [[0.4, 0.35, 0.25]] * 20)
+    zeros = torch.zeros(40, dtype=torch.long)
+    forget_labels = torch.tensor([0] * 5 + [1] * 5)
+    result = mia_efficacy((confident, zeros), (unsure, zeros), (confident[:10], forget_labels))
+    assert result == {"confidence": 50.0, "entropy": 0.0, "m_entropy": 50.0}
 
 
 class _FixedModel(torch.nn.Module):
@@ -108,7 +145,12 @@ def test_evaluate_unlearning_accuracies():
     metrics = evaluate_unlearning(model, forget, retain, test)
     assert metrics["UA"] == pytest.approx(50.0) and metrics["RA"] == pytest.approx(90.0)
     assert metrics["TA"] == pytest.approx(80.0)
-    assert {"MIA", "MIA_entropy", "MIA_m_entropy"} <= set(metrics)
+    # p_y: members (first 5 retain rows) all 0.9; non-members (test) 0.9 x 4 and 0.1; forget 0.9, 0.1, 0.1, 0.9.
+    # The SVC calls 0.9 a member (5 vs 4) and 0.1 a non-member: 2 of 4 forget samples -> 50
+    assert metrics["MIA"] == pytest.approx(50.0)
+    # every row's entropy is H(0.9, 0.1): members and non-members look alike, the SVC calls all members
+    assert metrics["MIA_entropy"] == pytest.approx(0.0)
+    assert set(metrics) == {"UA", "RA", "TA", "MIA", "MIA_entropy", "MIA_m_entropy"}
 
 
 def _record(method, seed, ua, ra=99.0, ta=90.0, mia=10.0, rte=60.0, scenario="random 10%", ratio=0.1):
@@ -145,7 +187,12 @@ def test_summarize_gaps_and_avg_gap_by_hand():
     assert ten["scenario"] == "random 10%" and ten["ratio"] == 0.1
     salun, ft, retrain = ten["methods"]["salun"], ten["methods"]["ft"], ten["methods"]["retrain"]
     assert retrain["mean"]["UA"] == 6.0 and retrain["std"]["UA"] == pytest.approx(math.sqrt(2.0))
-    assert retrain["avg_gap"] == 0.0
+    # the gaps are taken to the reference method's means: another reference gives other gaps, none without one
+    to_ft = summarize(RECORDS, reference="ft")["scenarios"][0]["methods"]
+    assert to_ft["salun"]["gap"] == pytest.approx({"UA": 4.0, "RA": 1.0, "TA": 1.0, "MIA": 10.0})
+    assert to_ft["retrain"]["avg_gap"] == pytest.approx((5 + 0 + 1 + 10) / 4)
+    no_retrain = summarize([r for r in RECORDS if r["method"] != "retrain"])["scenarios"][0]["methods"]
+    assert no_retrain["salun"]["gap"] is None and no_retrain["salun"]["avg_gap"] is None
     # SalUn: UA 5 vs 6, RA 98 vs 99, TA 90 vs 90, MIA 13 vs 13 -> gaps 1, 1, 0, 0 -> Avg. Gap 0.5
     assert salun["gap"] == pytest.approx({"UA": 1.0, "RA": 1.0, "TA": 0.0, "MIA": 0.0})
     assert salun["avg_gap"] == pytest.approx(0.5)

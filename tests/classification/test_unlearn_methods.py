@@ -26,7 +26,6 @@ from salun_ext.classification import (
 from salun_ext.classification.evaluation import accuracy
 from salun_ext.classification.methods.influence import per_sample_gradients, woodfisher_inverse_product
 from salun_ext.classification.methods.random_label import _SoftThreshold
-from salun_ext.classification.methods.ssd import fisher_importance
 from salun_ext.data import Batches, ImageDataset
 from salun_ext.models import build_model
 from salun_ext.utils import UsageError
@@ -62,14 +61,14 @@ TINY = {
     "retrain": dict(epochs=15, lr=0.05),
     "ft": dict(epochs=5, lr=0.1),
     "rl": dict(epochs=2),
-    "ga": dict(epochs=2, lr=0.05),
-    "iu": dict(alpha=50.0),
+    "ga": dict(epochs=3, lr=0.05),
+    "iu": dict(alpha=5.0),
     "be": dict(epochs=3, lr=0.05),
     "bs": dict(epochs=3, lr=0.05),
     "l1_sparse": dict(epochs=5, lr=0.1, alpha=1e-3),
     "salun": dict(epochs=2),
     "salun_soft": dict(epochs=2),
-    "scrub": dict(lr=0.05),
+    "scrub": dict(lr=0.05, epochs=4, max_steps=3),
     "neggrad_plus": dict(epochs=3, lr=0.1, alpha=0.8),
     "ssd": dict(),
 }
@@ -88,12 +87,15 @@ def test_method_lowers_forget_accuracy(memorized, name):
     assert before > 90
     model = copy.deepcopy(original)
     result = get_method(name, **TINY[name]).run(model, data, OPTIONS)
-    after = accuracy(model, data.forget)
-    assert after < before - 4, f"{name}: forget accuracy {before:.1f} -> {after:.1f}"
+    after, retain = accuracy(model, data.forget), accuracy(model, data.retain)
+    # seeded and deterministic; observed: every method drops the forget accuracy by >= 16 points (FT, SCRUB:
+    # 95.8 -> 79.2; most reach <= 50) and keeps retain accuracy >= 89 (SSD 89.8, IU 93.1, the rest >= 99).
+    # A no-op fails the first bound, a wrecked model (chance is 25) the second.
+    assert after <= before - 15, f"{name}: forget accuracy {before:.1f} -> {after:.1f}"
+    assert retain >= 85, f"{name}: retain accuracy {retain:.1f}"
     assert result.seconds > 0 and result.model is model and not model.training
-    assert accuracy(model, data.retain) > 25  # still a classifier, not noise
     out = model(torch.zeros(1, 1, 8, 8))
-    assert out.shape == (1, 4)  # BE removed its shadow neuron again
+    assert out.shape == (1, 4)  # BE removed its shadow neuron again (its head: test_method_objectives.py)
 
 
 def test_retrain_ignores_the_given_weights(memorized):
@@ -125,19 +127,36 @@ def test_salun_strict_keeps_non_salient_weights_exactly(memorized):
     assert drift > 0
 
 
-def test_salun_computes_its_mask_like_compute_saliency(memorized):
+def _reference_forget_mask(original, forget, ratio):
+    """Independent: |sum over batches of d(-mean CE)/d theta| at theta_0 (eval mode), top `ratio` of all entries."""
+    model = copy.deepcopy(original).eval()
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for x, y in forget:
+        grads = torch.autograd.grad(-nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        total = [t + g for t, g in zip(total, grads)]
+    scores = torch.cat([t.abs().flatten() for t in total])
+    k = int(scores.numel() * ratio)
+    ranked = scores.sort(descending=True).values
+    assert ranked[k - 1] > ranked[k]  # no tie at the cut: the top-k set is unique
+    want = torch.zeros(scores.numel(), dtype=torch.bool)
+    want[torch.topk(scores, k).indices] = True
+    return want
+
+
+def test_salun_mask_is_the_top_half_of_the_summed_forget_gradient(memorized):
     original, data = memorized
-    forget = Batches(data.forget.images, data.forget.labels, batch_size=32, shuffle=False)
-    mask = forget_saliency(copy.deepcopy(original), forget, 0.5)
-
-    def loss(m, batch):
-        return -nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-    reference = salun_ext.compute_saliency(copy.deepcopy(original), loss, list(forget), 0.5)
-    assert mask.equal(reference)
+    names = [n for n, _ in original.named_parameters()]
+    for batch_size in (10, 32):  # 3 batches (their gradients summed) and 1
+        forget = Batches(data.forget.images, data.forget.labels, batch_size=batch_size, shuffle=False)
+        mask = forget_saliency(copy.deepcopy(original), forget, 0.5)
+        got = torch.cat([mask.dense(n).flatten() for n in names])
+        assert int(got.sum()) == got.numel() // 2
+        assert torch.equal(got, _reference_forget_mask(original, forget, 0.5)), batch_size
+    # SalUn computes the same mask itself when none is given (data.batch_size = 32)
     a, b = copy.deepcopy(original), copy.deepcopy(original)
-    get_method("salun", epochs=1).run(a, data, OPTIONS)  # mask computed inside
+    result = get_method("salun", epochs=1).run(a, data, OPTIONS)  # mask computed inside
     get_method("salun", epochs=1).run(b, data, OPTIONS, mask=mask)
+    assert result.mask is not None and result.mask.equal(mask)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
@@ -200,24 +219,19 @@ def test_per_sample_gradients_and_woodfisher_match_loops():
         nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         loop = torch.cat([p.grad.flatten() for p in model.parameters()])
         assert torch.allclose(batched[i], loop, atol=1e-6)
-    v = torch.randn(batched.shape[1])
-    k, o, n = v.clone(), batched[0].clone(), 10.0
-    for g in batched[1:]:
-        t = o @ g
-        k = k - (k @ g) / (n + t) * o
-        o = o - t / (n + t) * o
-    assert torch.allclose(woodfisher_inverse_product(v, batched, damping=n), k)
-
-
-def test_ssd_dampens_by_the_importance_ratio():
-    model = nn.Linear(2, 2, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    batches = [(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))]
-    importance = fisher_importance(model, batches, [model.weight])[0]
-    model.zero_grad()
-    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
-    assert torch.allclose(importance, model.weight.grad.square())
+    v = torch.randn(batched.shape[1], dtype=torch.float64)
+    g = batched.double()
+    n = 10.0
+    # the paper code's recursion keeps o parallel to the first gradient (o_i = c_i g_1), so every update of k is a
+    # multiple of g_1: k - v lies on the line of g_1 (a structural property, not the recursion re-typed)
+    k = woodfisher_inverse_product(v, g, damping=n)
+    d = k - v
+    assert float(d.norm()) > 1e-6
+    assert torch.allclose(d, (d @ g[0]) / (g[0] @ g[0]) * g[0], atol=1e-10)
+    # closed forms: one gradient leaves v unchanged; two give k = v - (v.g2 / (N + g1.g2)) g1
+    assert torch.equal(woodfisher_inverse_product(v, g[:1], damping=n), v)
+    two = v - (v @ g[1]) / (n + g[0] @ g[1]) * g[0]
+    assert torch.allclose(woodfisher_inverse_product(v, g[:2], damping=n), two, atol=1e-12)
 
 
 def test_interrupted_unlearning_resumes_exactly(memorized, tmp_path, monkeypatch):

@@ -163,7 +163,15 @@ def test_reproduce_writes_table_plot_json_and_resumes(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert [s["scenario"] for s in summary["scenarios"]] == ["random 10%", "random 50%"]
     assert set(summary["scenarios"][0]["methods"]) == {"retrain", "ft", "ga", "salun"}
-    assert summary["scenarios"][0]["methods"]["retrain"]["avg_gap"] == 0.0
+    # every Avg. Gap is the mean |method - Retrain| over UA, RA, TA, MIA of the per-run results (one seed)
+    runs = out / "runs" / "random_10" / "seed1"
+    metrics = {
+        m: json.loads((runs / m / "result.json").read_text())["metrics"] for m in ("retrain", "ft", "ga", "salun")
+    }
+    for m in ("ft", "ga", "salun"):
+        want = sum(abs(metrics[m][k] - metrics["retrain"][k]) for k in ("UA", "RA", "TA", "MIA")) / 4
+        assert summary["scenarios"][0]["methods"][m]["avg_gap"] == pytest.approx(want)
+    assert any(summary["scenarios"][0]["methods"][m]["avg_gap"] > 0 for m in ("ft", "ga", "salun"))
     assert summary["original"][0]["seed"] == 1 and summary["machine"]
     table = (out / "table.md").read_text()
     assert "| Methods |" in table and "Original model:" in table and "MIA (m-entropy)" in table

@@ -222,6 +222,25 @@ def test_unlearning_split_random_and_class_wise():
         make_unlearning_split(train, test, forget_idx=[95])
 
 
+def test_cifar10_sized_split_pins_the_paper_codes_indices():
+    # 50k CIFAR-10-sized labels (label of sample i: 7 i mod 10). Expected indices computed once from the paper
+    # code's definition (Classification/dataset.py, cifar10_dataloaders with seed 2 + replace_class with
+    # class_to_replace=-1, num_indexes_to_replace=4500): val = per class RandomState(2).choice(10% of the class),
+    # train = the remaining indices in order, forget = RandomState(seed - 1 = 1).choice(45000 train positions,
+    # 4500, replace=False).
+    labels = torch.from_numpy((np.arange(50_000) * 7) % 10)
+    images = torch.zeros(50_000, 1, 1, 1, dtype=torch.uint8)
+    full = ImageDataset(images, labels, [str(c) for c in range(10)], "cifar10-sized")
+    split = make_unlearning_split(full, full.subset(torch.arange(10)), ratio=0.1, forget_seed=1, split_seed=2)
+    assert (len(split.train), len(split.val), len(split.forget), len(split.retain)) == (45_000, 5_000, 4_500, 40_500)
+    _, val = train_val_split(labels, 0.1, seed=2)
+    assert val[:5].tolist() == [45, 57, 68, 77, 103] and val[-3:].tolist() == [49984, 49990, 49999]
+    assert split.forget_idx[:5].tolist() == [10, 44, 45, 69, 85]  # positions in the 45k training split
+    assert split.forget_idx[-3:].tolist() == [44992, 44995, 44996]
+    train_idx, _ = train_val_split(labels, 0.1, seed=2)
+    assert train_idx[split.forget_idx[:5]].tolist() == [10, 44, 46, 72, 89]  # the same samples in the 50k set
+
+
 # ------------------------------------------------------------------------------------------- batches
 
 

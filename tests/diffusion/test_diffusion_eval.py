@@ -91,6 +91,20 @@ def test_i2p_nudity_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert len(list(tmp_path.glob("i2p_*.png"))) == 2
 
 
+class _ConstantClassifier(torch.nn.Module):
+    """Always predicts `answer` (logits: one-hot)."""
+
+    def __init__(self, classes: int, answer: int):
+        super().__init__()
+        self.classes, self.answer = classes, answer
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), self.classes, device=x.device) + self.dummy
+        out[:, self.answer] = 1.0
+        return out
+
+
 def test_classifier_ua_report_and_frechet_distance(tmp_path):
     ds = digits()
     images = ds.float_images()
@@ -109,7 +123,13 @@ def test_classifier_ua_report_and_frechet_distance(tmp_path):
     model = micro_ddpm()
     per_class, generated, labels = class_accuracies(model, clf, classes=[0, 3], n_per_class=3, num_inference_steps=2)
     assert generated.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 0, 3, 3, 3]
-    assert set(per_class) == {0, 3} and all(0 <= v <= 100 for v in per_class.values())
+    with torch.no_grad():
+        hits = clf.eval()(generated).argmax(dim=1) == labels
+    assert per_class == pytest.approx({c: 100.0 * float(hits[labels == c].float().mean()) for c in (0, 3)})
+    # a classifier that always answers 3: class 3 is always right, class 0 never (labels map to the right class)
+    always3 = _ConstantClassifier(10, 3)
+    stub, _, _ = class_accuracies(model, always3, classes=[0, 3], n_per_class=3, num_inference_steps=2)
+    assert stub == {0: 0.0, 3: 100.0}
     report = class_wise_report({0: 90.0, 1: 80.0, 3: 2.0}, [3])
     assert report == {"forget_accuracy": 2.0, "UA": 98.0, "retain_accuracy": 85.0}
     # Fréchet distance without Inception weights: the classifier-feature fallback, labelled as such
@@ -149,7 +169,15 @@ def test_sd_class_wise_accuracy_with_a_torchvision_classifier(tmp_path):
         sd, clf, {"tench": 0, "church": 497}, n_per_class=2, num_inference_steps=2
     )
     assert images.shape == (4, 3, 64, 64) and names == ["tench", "tench", "church", "church"]
-    assert set(acc) == {"tench", "church"} and all(v in (0.0, 50.0, 100.0) for v in acc.values())
+    with torch.no_grad():
+        pred = clf.eval()(images).argmax(dim=1).tolist()
+    want = {name: 100.0 * sum(p == idx for p in pred[i * 2 : i * 2 + 2]) / 2 for i, (name, idx) in
+            enumerate({"tench": 0, "church": 497}.items())}  # fmt: skip
+    assert acc == pytest.approx(want)
+    stub, _, _ = prompt_class_accuracy(
+        sd, _ConstantClassifier(1000, 497), {"tench": 0, "church": 497}, n_per_class=2, num_inference_steps=2
+    )
+    assert stub == {"tench": 0.0, "church": 100.0}
     with pytest.raises(ValueError, match="unknown torchvision model"):
         torchvision_classifier("resnet9000", weights)
     with pytest.raises(FileNotFoundError, match="classifier weights not found"):

@@ -172,8 +172,7 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     r = recipe("sd-nsfw", method)
     kw = dict(r.task)
     if method.startswith("esd"):
-        # eta 10: a random tiny model barely separates eps(c) from eps(""), so eta 1 leaves nothing to regress
-        kw.update(sample_steps=3, batch_size=2, eta=10.0)
+        kw.update(sample_steps=3, batch_size=2)  # the recipe's eta 1 (its target: test_esd_target_* for DDPM)
     cols = sd.token_columns(NUDE, "nude") if method == "fmn" else None
     probe_task, _params = make_task(method, spec, unet, forget, retain, kw, fmn_columns=cols, seed=11)
     batches = list(probe_task.batches(0))[:2]
@@ -181,7 +180,7 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     if isinstance(probe_task, FMNTask):
         probe_task.remove()
     start = params_snapshot(unet)
-    lr = {"salun": 1e-3, "ga": 1e-3, "esd-x": 3e-3, "esd-u": 3e-4, "fmn": 3e-3}[method]
+    lr = {"salun": 1e-3, "ga": 1e-3, "esd-x": 3e-3, "esd-u": 3e-5, "fmn": 3e-3}[method]
     unlearn(
         method,
         "sd-nsfw",
@@ -202,7 +201,8 @@ def test_every_method_moves_its_loss(method, nsfw_sets):
     if isinstance(probe_task2, FMNTask):
         probe_task2.remove()
     if method == "ga":
-        assert after < before, (before, after)  # GA's loss is -MSE: it goes down as the MSE goes up
+        # GA's loss is -MSE: the forget MSE must at least double (observed: 1.03 -> 5.54), not merely rise
+        assert before < 0 and after < 2 * before, (before, after)
     else:
         assert after < 0.8 * before, (before, after)
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, start[n])}
@@ -253,3 +253,52 @@ def test_gradient_checkpointing_and_attention_slicing_train(nsfw_sets):
     fit = unlearn("salun", "sd-nsfw", sd.unet, spec, forget, retain, max_steps=2,
                   options=RunOptions(progress=False, amp="none"), lr=1e-3)  # fmt: skip
     assert fit.steps == 2 and any(not torch.equal(p, start[n]) for n, p in sd.unet.named_parameters())
+
+
+def test_fmn_loss_is_the_frobenius_norm_of_the_concept_columns_of_every_cross_attention(sd, nsfw_sets):
+    """FMN's loss by hand: softmax(q k^T * scale) of every attn2 from its own inputs, the concept token's columns
+    (token_columns: "nude" is token 5 of "a photo of a nude person"), Frobenius norm (not squared) of them all."""
+    spec, forget, _ = nsfw_sets
+    unet = _fresh_sd().unet
+    cols = sd.token_columns(NUDE, "nude")
+    assert cols == [5] and sd.tokenize([NUDE])[0, 5] == sd.tokenizer("nude", add_special_tokens=False).input_ids[0]
+    task = FMNTask(spec, unet, forget, cols, batch_size=2, seed=3)
+    inputs, hooks = [], []
+    for m in cross_attention_modules(unet).values():
+
+        def grab(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs.append((module, hidden.detach(), kwargs["encoder_hidden_states"].detach()))
+
+        hooks.append(m.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        batch = next(iter(task.batches(0)))
+        with torch.no_grad():
+            loss = task.loss(unet, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        task.remove()
+    assert len(inputs) == len(cross_attention_modules(unet)) > 0
+    total, columns_seen = 0.0, 0
+    for attn, hidden, context in inputs:
+
+        def heads(x, attn=attn):
+            b, n, d = x.shape
+            return x.reshape(b, n, attn.heads, d // attn.heads).permute(0, 2, 1, 3).reshape(b * attn.heads, n, -1)
+
+        with torch.no_grad():
+            q, k = heads(attn.to_q(hidden)), heads(attn.to_k(context))
+            probs = torch.softmax(q @ k.transpose(1, 2) * attn.scale, dim=-1)
+        assert probs.shape[-1] == 77
+        total += float(probs[..., cols].double().pow(2).sum())
+        columns_seen += probs[..., cols].shape[-1]
+    assert columns_seen == len(inputs)  # one column per map: the concept token only
+    assert float(loss) == pytest.approx(total**0.5, rel=1e-4)
+    # another column (the start token) gives another loss: the columns are the ones asked for
+    other = FMNTask(spec, unet, forget, [0], batch_size=2, seed=3)
+    try:
+        with torch.no_grad():
+            assert float(other.loss(unet, batch)) != pytest.approx(float(loss), rel=1e-3)
+    finally:
+        other.remove()

@@ -6,16 +6,14 @@ import itertools
 
 import pytest
 import torch
-from conftest import REQUIRE_NATIVE
 
-import salun_ext
 from salun_ext.ops import _mask_layout, _reference
 from tests.helpers import DEVICES, id_formatter
 
-pytestmark = pytest.mark.skipif(
-    not salun_ext.native.loaded and not REQUIRE_NATIVE,
-    reason=f"compiled kernels not loaded ({salun_ext.native.reason})",
-)
+# Without the native library the ops dispatch to the reference kernels: the tests marked native_vs_reference are
+# then skipped as vacuous (counted, with the reason; failed under SALUN_EXT_REQUIRE_NATIVE=1), every other test
+# here (oracle exactness, error messages, found_inf, opcheck) runs on the reference (see tests/conftest.py).
+NATIVE = pytest.mark.native_vs_reference
 
 SIZES = [1, 31, 4097, 65_537, 7]  # 65_537 straddles a CPU work chunk; 4097 is not a multiple of 32
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -49,6 +47,7 @@ SGD_CASES = [
 ]
 
 
+@NATIVE
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=id_formatter("dtype"))
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0], ids=id_formatter("density"))
@@ -87,6 +86,7 @@ ADAM_CASES = [
 ]
 
 
+@NATIVE
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=id_formatter("dtype"))
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0], ids=id_formatter("density"))
@@ -155,6 +155,7 @@ def test_found_inf_skips_the_step(device):
         assert torch.equal(got, want)
 
 
+@NATIVE
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_values_follow_the_reference(device):
     p = torch.tensor([1.0, float("nan"), float("inf"), -0.0, 2.0], device=device)
@@ -171,6 +172,7 @@ def test_non_finite_values_follow_the_reference(device):
         assert torch.equal(got[~got.isnan()], want[~want.isnan()])
 
 
+@NATIVE
 @pytest.mark.parametrize("device", DEVICES)
 def test_thousands_of_tensors(device):
     gen = torch.Generator().manual_seed(4)

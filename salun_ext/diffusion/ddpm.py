@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from salun_ext.diffusion.core import ClassConditioner, DiffusionSet, DiffusionSpec, check_guidance, check_steps, denoise
 from salun_ext.utils.errors import MissingFileError, UsageError
+from salun_ext.utils.files import write_json
 
 PathLike = str | os.PathLike
 CONFIG_NAME = "salun_ddpm.json"
@@ -233,7 +234,7 @@ class ClassConditionalDDPM:
         self.unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
         meta = {"format": FORMAT_NAME, "classes": self.classes, "dataset": self.dataset}
-        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        write_json(meta, folder / CONFIG_NAME)  # last: a folder with this file is complete
         return folder
 
     @classmethod

@@ -252,16 +252,21 @@ def load_muse(folder: str) -> dict[str, list[tuple[str, ...]]]:
     return data
 
 
-def load_retain_truth_ratios(path: str) -> list[float]:
-    """A retain model's forget-set truth ratios from JSON: this module's results (forget.truth_ratios),
-    open-unlearning's TOFU_EVAL.json (forget_truth_ratio.value_by_index.*.score) or a plain list of numbers."""
+def _read_results_json(path: str) -> Any:
+    """A retain model's results file (JSON), or one UsageError line naming it."""
     if not os.path.isfile(path):
         raise MissingFileError(f"retain results not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: not valid JSON ({exc.msg})") from None
+
+
+def load_retain_truth_ratios(path: str) -> list[float]:
+    """A retain model's forget-set truth ratios from JSON: this module's results (forget.truth_ratios),
+    open-unlearning's TOFU_EVAL.json (forget_truth_ratio.value_by_index.*.score) or a plain list of numbers."""
+    data = _read_results_json(path)
     values: Any = None
     if isinstance(data, list):
         values = data
@@ -283,13 +288,7 @@ def load_retain_truth_ratios(path: str) -> list[float]:
 def load_retain_auc(path: str) -> float:
     """A retain model's MUSE Min-K% AUC from JSON: this module's results (privleak.auc), open-unlearning's
     MUSE_EVAL.json (mia_min_k.agg_value, the opposite convention: 1 - it) or a number."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"retain results not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc.msg})") from None
+    data = _read_results_json(path)
     value: Any = None
     if isinstance(data, (int, float)) and not isinstance(data, bool):
         value = data

@@ -21,7 +21,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-REQUIRE_NATIVE = os.environ.get("SALUN_EXT_REQUIRE_NATIVE") == "1"
+from tests.helpers import REQUIRE_NATIVE  # noqa: E402  (one definition)
+
 NATIVE_SKIP_REASON = (
     "kernel vs reference: the native library salun_ext._C is not loaded "
     f"({salun_ext.native.reason}), so the ops ARE the reference and the comparison would be vacuous"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# `make test` sets SALUN_EXT_REQUIRE_NATIVE=1: the compiled kernels must have loaded
+REQUIRE_NATIVE = os.environ.get("SALUN_EXT_REQUIRE_NATIVE") == "1"
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 KEY_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

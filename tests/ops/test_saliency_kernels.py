@@ -6,13 +6,12 @@ import zlib
 
 import pytest
 import torch
-from conftest import REQUIRE_NATIVE
 
 import salun_ext
 from salun_ext.ops import _reference
 from salun_ext.ops._mask_layout import segment_words, unpack_bits, word_offsets
 from salun_ext.saliency import DIGIT_WIDTHS, find_thresholds
-from tests.helpers import DEVICES, VALUE_KINDS, id_formatter, nasty_list, oracle_exact_mask
+from tests.helpers import DEVICES, REQUIRE_NATIVE, VALUE_KINDS, id_formatter, nasty_list, oracle_exact_mask
 
 # Without the native library the ops dispatch to the reference kernels: the tests marked native_vs_reference are
 # then skipped as vacuous (counted, with the reason; failed under SALUN_EXT_REQUIRE_NATIVE=1), every other test

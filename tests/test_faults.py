@@ -167,7 +167,7 @@ def test_malicious_pickles_never_execute(tmp_path):
         pickle.dump({"w": _Payload(marker)}, f)
     with pytest.raises(ValueError, match="not a readable PyTorch mask file"):
         salun_ext.SaliencyMask.from_upstream(evil)
-    with pytest.raises(Exception, match="(?i)weights|unpickl|load"):
+    with pytest.raises(Exception, match=r"(?i)weights|unpickl|load"):
         torchvision_classifier("resnet18", evil)
     assert not marker.exists(), "a pickle executed code"
 

@@ -27,6 +27,7 @@ namespace salun_ext {
 namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 15;  // elements per work item, a multiple of 32
+constexpr int64_t kGrainElements = int64_t{1} << 15;  // elements per parallel task, at least (ATen's GRAIN_SIZE)
 
 struct Work {
   int64_t tensor;
@@ -44,6 +45,36 @@ std::vector<Work> make_work(at::TensorList params) {
 }
 
 float read_scalar(const std::optional<at::Tensor>& t) { return t->to(at::kCPU).to(at::kFloat).item<float>(); }
+
+// A step count (one element): read in place when it is a CPU tensor of a common dtype (no dispatcher calls: at
+// ~700 tensors, three ops per count cost more than the update itself), converted otherwise.
+double read_step(const at::Tensor& t) {
+  if (t.device().is_cpu()) {
+    switch (t.scalar_type()) {
+      case at::kFloat:
+        return static_cast<double>(*t.const_data_ptr<float>());
+      case at::kDouble:
+        return *t.const_data_ptr<double>();
+      case at::kLong:
+        return static_cast<double>(*t.const_data_ptr<int64_t>());
+      case at::kInt:
+        return static_cast<double>(*t.const_data_ptr<int32_t>());
+      default:
+        break;
+    }
+  }
+  return t.to(at::kCPU).to(at::kDouble).item<double>();
+}
+
+// Work items per parallel task: about kGrainElements elements each, so a list of many small tensors runs
+// on one thread instead of waking the pool for a few microseconds of work (the split never changes a result).
+int64_t work_grain(const std::vector<Work>& work) {
+  int64_t elements = 0;
+  for (const Work& w : work) elements += w.end - w.begin;
+  const int64_t items = static_cast<int64_t>(work.size());
+  if (elements <= 0) return std::max<int64_t>(items, 1);
+  return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(items) * kGrainElements / elements));
+}
 
 // Calls fn(T{}) with the element type of a parameter dtype (float32, bfloat16 or float16; checked before).
 template <typename Fn>
@@ -164,7 +195,7 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   s.first_step = first_step;
 
   const std::vector<Work> work = make_work(params);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, static_cast<int64_t>(work.size()), work_grain(work), [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Work& w = work[k];
       const at::Tensor& p = params[w.tensor];
@@ -232,11 +263,13 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   }
   if (params.empty() || step_skipped(found_inf)) return;
   const double lr_value = lr_tensor.has_value() ? static_cast<double>(read_scalar(lr_tensor)) : lr;
+  const bool has_grad_scale = grad_scale.has_value();
+  const float grad_scale_value = has_grad_scale ? read_scalar(grad_scale) : 1.0f;
 
   // Per-tensor scalars (the step count may differ between tensors), derived in double as the reference does.
   std::vector<AdamScalars> scalars(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const double step = state_steps[i].to(at::kCPU).to(at::kDouble).item<double>();
+    const double step = read_step(state_steps[i]);
     AdamScalars& s = scalars[i];
     s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
     s.beta2 = static_cast<float>(beta2);
@@ -246,15 +279,15 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     s.decay_factor = static_cast<float>(1.0 - lr_value * weight_decay);
     s.step_size = static_cast<float>(lr_value / (1.0 - std::pow(beta1, step)));
     s.bias2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-    s.has_grad_scale = grad_scale.has_value();
-    s.grad_scale = s.has_grad_scale ? read_scalar(grad_scale) : 1.0f;
+    s.has_grad_scale = has_grad_scale;
+    s.grad_scale = grad_scale_value;
     s.decoupled_weight_decay = decoupled_weight_decay;
     s.amsgrad = amsgrad;
     s.maximize = maximize;
   }
 
   const std::vector<Work> work = make_work(params);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, static_cast<int64_t>(work.size()), work_grain(work), [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Work& w = work[k];
       const int64_t i = w.tensor;

@@ -81,8 +81,13 @@ class MaskedOptimizerMixin:
             or any(is_dtensor(p) or is_dtensor(p.grad) for p in live)
         )
         plan = GroupPlan(group, self.state, live, items, self._state_keys(group)) if cacheable else None
+        if plan is not None:
+            self._plan_built(plan)
         self._plans[id(group)] = plan
         return (plan.buckets if plan is not None else buckets_of(items)), [it.grad for it in items]
+
+    def _plan_built(self, plan: GroupPlan) -> None:
+        """Hook: an optimizer may rearrange its state once the lists are cached (then plan.record_state())."""
 
     def _item(self, p: torch.Tensor, states: tuple, words: torch.Tensor, first: bool = False) -> Item:
         """p's share of a step: kernel views of p and its gradient; `states`: the state tensors' kernel views."""

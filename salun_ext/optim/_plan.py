@@ -50,11 +50,13 @@ class Item:
 class Bucket:
     """The lists of one device's kernel call (grads filled in per step)."""
 
-    __slots__ = ("device", "first", "index", "params", "states", "words")
+    __slots__ = ("device", "first", "flat_step", "index", "params", "sources", "states", "words")
 
     def __init__(self, device, items: list[Item], index: list[int] | None):
         self.device = device
         self.index = index  # positions in the group's gradient list (None: all of them)
+        self.sources = [it.source for it in items]
+        self.flat_step: torch.Tensor | None = None  # Adam: every step count of the bucket is a view of this
         self.params = [it.param for it in items]
         self.states = [list(column) for column in zip(*(it.states for it in items))] if items else []
         self.words = [it.words for it in items]
@@ -96,10 +98,14 @@ class GroupPlan:
         self.dtypes = list(map(_DTYPE, sources))
         self.devices = list(map(_DEVICE, sources))
         self.perms = [(i, it.perm) for i, it in enumerate(items) if it.perm is not None]
-        # (no state dict is created for a parameter whose optimizer keeps none: torch's state_dict layout)
-        self.states = [state[p] for p in sources] if state_keys else []
-        self.state_tensors = [list(map(itemgetter(key), self.states)) for key in state_keys]
         self.buckets = buckets_of(items)
+        self.record_state()
+
+    def record_state(self) -> None:
+        """Remember the state dicts and tensors the lists were built from (again after an optimizer edits them)."""
+        # (no state dict is created for a parameter whose optimizer keeps none: torch's state_dict layout)
+        self.states = [self.state[p] for p in self.sources] if self.state_keys else []
+        self.state_tensors = [list(map(itemgetter(key), self.states)) for key in self.state_keys]
 
     def grads(self, state, state_keys: tuple) -> list[torch.Tensor] | None:
         """This step's kernel gradients when the plan still holds, else None (rebuild)."""

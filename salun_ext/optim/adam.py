@@ -7,7 +7,7 @@ import torch
 from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
-from salun_ext.optim._plan import Bucket, Item
+from salun_ext.optim._plan import Bucket, GroupPlan, Item
 
 
 class _MaskedAdamStep(MaskedOptimizerMixin):
@@ -64,13 +64,28 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
             items.append(self._item(p, (*views, state["step"]), words))
         return items
 
+    def _plan_built(self, plan: GroupPlan) -> None:
+        """Each bucket's step counts become views of one tensor: one add per step instead of one per parameter
+        (state["step"] stays a 0-dim float32 tensor of its own; only its storage is shared)."""
+        for bucket in plan.buckets:
+            flat = torch.stack(bucket.states[-1])
+            views = list(flat.unbind(0))
+            for p, view in zip(bucket.sources, views):
+                self.state[p]["step"] = view
+            bucket.states[-1], bucket.flat_step = views, flat
+        plan.record_state()
+
     def _launch(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], grad_scale, found_inf) -> None:
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         lr, lr_tensor = lr_args(group["lr"])
         device = bucket.device
         steps = bucket.states[-1]
-        torch._foreach_add_(steps, 1)
+        flat = bucket.flat_step
+        if flat is not None:
+            flat.add_(1)
+        else:
+            torch._foreach_add_(steps, 1)
         found = on_device(found_inf, device)
         ops.masked_adam_(
             bucket.params,
@@ -93,7 +108,10 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
             found_inf=found,
         )
         if found is not None:  # a skipped step does not count (as torch's fused Adam)
-            torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
+            if flat is not None:
+                flat.sub_(found.to(torch.float32))
+            else:
+                torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -94,15 +95,16 @@ def saliency_masks(
         return _distributed(grads, ratios, exact_k, nan, method, process_group, layout, timeout_s)
     names, tensors = named_tensors(grads)
     ratio_list, single = as_ratio_list(ratios)
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(torch.Tensor.numel, tensors))
     if total == 0:
         raise UsageError("saliency_masks: every gradient is empty (0 elements in total)")
     ks = [ratio_to_k(r, total) for r in ratio_list]
     nan_as_zero = nan_flag(nan)
-    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     use_window = _use_window(method, reducer, total)
     results = _select(tensors, names, ks, exact_k, nan_as_zero, use_window, reducer)
-    shapes = [t.shape for t in tensors]
+    shapes = list(map(attrgetter("shape"), tensors))
     masks = [
         SaliencyMask(words, names, shapes, ratio=float(r), k=th.k, threshold=th.value, exact_k=exact_k)
         for r, (words, th) in zip(ratio_list, results)
@@ -191,7 +193,7 @@ def _set_bits(words: torch.Tensor, positions: torch.Tensor) -> None:
 def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[tuple[torch.Tensor, Threshold] | None]:
     """(words, threshold) per k from the window select, or None where the histogram path must decide."""
     device_kind = "cuda" if tensors[0].device.type == "cuda" else "cpu"
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(torch.Tensor.numel, tensors))
     sample = ops.sample_keys(tensors, num_samples=WINDOW_SAMPLES[device_kind], nan_as_zero=nan_as_zero)
     sample = torch.sort(sample.long(), descending=True).values.cpu()
     out: list[tuple[torch.Tensor, Threshold] | None] = []

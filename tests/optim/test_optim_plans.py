@@ -215,3 +215,20 @@ def test_bad_gradients_after_cached_steps_raise_before_any_change(name, bad):
     assert all(torch.equal(v, before[0][k]) for k, v in after[0].items())
     for key, fields in after[1]["state"].items():
         assert all(torch.equal(v, before[1]["state"][key][f]) for f, v in fields.items())
+
+
+def test_adam_step_counts_stay_separate_tensors_in_the_state_dict(tmp_path):
+    run = Counted("adamw")
+    for i in range(3):
+        run.step(i)
+    opt = run.opts[0]
+    steps = [s["step"] for s in opt.state.values()]
+    assert all(t.dim() == 0 and t.dtype == torch.float32 and t.item() == 3.0 for t in steps)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt")
+    first = next(iter(loaded["state"].values()))["step"]
+    first.add_(10)  # a loaded count is its own tensor
+    assert [s["step"].item() for s in loaded["state"].values()].count(13.0) == 1
+    fresh = MaskedAdamW(run.nets[1].named_parameters(), lr=1e-2, weight_decay=0.1, mask=_mask(run.nets[1]))
+    fresh.load_state_dict(opt.state_dict())
+    assert all(s["step"].item() == 3.0 for s in fresh.state.values())

@@ -96,7 +96,9 @@ class SaliencyMask:
         shard: MaskShard | None = None,
     ) -> None:
         names = tuple(names)
-        shapes = tuple(map(torch.Size, shapes))
+        shapes = tuple(shapes)
+        if set(map(type, shapes)) != {torch.Size}:
+            shapes = tuple(map(torch.Size, shapes))
         if len(names) != len(shapes):
             raise UsageError(f"SaliencyMask: got {len(names)} names but {len(shapes)} shapes")
         if len(set(names)) != len(names):

@@ -255,7 +255,7 @@ def _plain_named_tensors(grads) -> tuple[list, list[torch.Tensor]] | None:
         or len(set(map(_DEVICE, values))) != 1
     ):
         return None
-    names = [str(i) for i in range(len(values))] if names is None else names
+    names = list(map(str, range(len(values)))) if names is None else names
     if len(set(names)) != len(names):
         return None
     if any(map(attrgetter("requires_grad"), values)):

@@ -30,25 +30,34 @@ BYTES_PER_PARAM = {"sgd": 20.125, "adamw": 28.125}
 
 
 def _timer(device: str):
-    def timed(fn, reps: int) -> float:
-        for _ in range(3):  # warm-up: lazy state, the masked optimizers' cached lists
+    def once(fn) -> float:
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def timed(fns, reps: int):
+        """Median ms of fn, or {name: median ms} of a dict of them timed round robin (fn1, fn2, ..., fn1, ...):
+        every method sees the same moments of a busy machine, so their ratio is fair even when the load moves."""
+        many = isinstance(fns, dict)
+        fns = fns if many else {"": fns}
+        for fn in fns.values():
+            for _ in range(3):  # warm-up: lazy state, the masked optimizers' cached lists
+                fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times = []
+        times: dict = {name: [] for name in fns}
         for _ in range(reps):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            for name, fn in fns.items():
+                times[name].append(once(fn))
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        return medians if many else medians[""]
 
     return timed
 
@@ -113,9 +122,10 @@ def bench_list(spec: str, densities, device: str, reps: int, bandwidth: float, t
                         opt.step()
 
                     steps[label] = baseline
-            reference_ms = None
+            medians = timed(steps, reps)
+            reference_ms = medians[REFERENCE]
             for label in (REFERENCE, *[m for m in steps if m != REFERENCE]):
-                ms = timed(steps[label], reps)
+                ms = medians[label]
                 row = dict(
                     list=spec,
                     n=n,
@@ -128,7 +138,6 @@ def bench_list(spec: str, densities, device: str, reps: int, bandwidth: float, t
                 )
                 row["pct_copy"] = 100 * row["gbps"] / bandwidth
                 row["mask_mib"] = (mask.words.numel() * 4 if label == "salun_ext" else 4 * n) / 2**20
-                reference_ms = ms if label == REFERENCE else reference_ms
                 row["baseline"], row["baseline_ms"] = REFERENCE, reference_ms
                 row["ratio_to_baseline"] = ms / reference_ms  # < 1: faster than torch fused + mask
                 rows.append(row)

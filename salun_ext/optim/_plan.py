@@ -89,8 +89,12 @@ class GroupPlan:
         self.grad_types = list(map(type, map(_GRAD, live)))
         present = [i for i, t in enumerate(self.grad_types) if t is not type(None)]
         self.pick: Callable | None = None
-        if len(present) != len(live):
-            self.pick = (lambda g, i=present[0]: [g[i]]) if len(present) == 1 else itemgetter(*present)
+        if not present:
+            self.pick = lambda g: []
+        elif len(present) == 1:
+            self.pick = lambda g, i=present[0]: [g[i]]
+        elif len(present) != len(live):
+            self.pick = itemgetter(*present)
         sources = [it.source for it in items]
         self.sources = sources
         self.shapes = list(map(_SHAPE, sources))

@@ -97,6 +97,15 @@ def test_lists_are_built_once_and_reused_across_new_gradients(name, set_to_none)
     assert run.builds == (4 if name == "sgd_momentum" else 2)
 
 
+def test_a_step_without_any_gradient_changes_nothing():
+    net = _net()
+    before = copy.deepcopy(net.state_dict())
+    opt = MaskedAdamW(net.named_parameters(), lr=0.1, mask=_mask(net))
+    opt.step()
+    opt.step()  # (the second one reuses the empty lists)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not opt.state_dict()["state"]
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gradients_that_disappear_and_reappear(name):
     run = Counted(name)
@@ -113,9 +122,11 @@ def test_gradients_that_disappear_and_reappear(name):
     run.step(2, drop([0, 3]))
     run.step(3)
     run.step(4, drop([0, 1, 2, 3, 4]))
-    run.step(5)
+    run.step(5, drop([0, 1, 2, 3, 4, 5]))  # no gradient at all: nothing moves
+    run.step(6, drop([0, 1, 2, 3, 4, 5]))
+    run.step(7)
     builds = run.builds
-    run.step(6)
+    run.step(8)
     assert run.builds == builds, "an unchanged step reuses the lists"
 
 

@@ -21,7 +21,7 @@ from salun_ext import ops
 torch.manual_seed(0)
 out = {}
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for density in (0.0, 0.3, 1.0):
+    for density in (0.0, 0.001, 0.3, 1.0):
         sizes = [1, 31, 33, 100, 1000, 40000]  # partial words, several work items
         ps = [torch.randn(n).to(dtype) for n in sizes]
         gs = [torch.randn(n).to(dtype) for n in sizes]

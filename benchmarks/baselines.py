@@ -2,6 +2,8 @@
 
   upstream_argsort  the paper code's method: concatenate |g|, argsort twice (ranks), int64 masks per tensor
   cat_topk          concatenate |g|, torch.topk(k).values.min() as threshold, bool masks (ties: all kept)
+  cat_partition     concatenate |g| (on the host), numpy's introselect (np.partition) for the k-th largest,
+                    then one compare per tensor (ties: all kept): the classic CPU selection
   radix_bincount    no concatenation: two 16-bit torch.bincount passes over int32 views of |g|, then masks
 Each returns one mask per tensor. Our op is `salun_ext.saliency_masks`.
 """
@@ -26,6 +28,16 @@ def upstream_argsort(grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 def cat_topk(grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     flat = torch.cat([g.abs().reshape(-1) for g in grads])
     threshold = torch.topk(flat, k, sorted=False).values.min()
+    del flat
+    return [g.abs() >= threshold for g in grads]
+
+
+def cat_partition(grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    import numpy as np
+
+    flat = torch.cat([g.abs().reshape(-1).float() for g in grads]).cpu().numpy()
+    n = flat.size
+    threshold = float("inf") if k == 0 else float(np.partition(flat, n - k)[n - k])
     del flat
     return [g.abs() >= threshold for g in grads]
 
@@ -58,6 +70,7 @@ def ours(grads: list[torch.Tensor], k: int, ratio: float):
 METHODS = {
     "salun_ext": None,  # handled by the callers (needs the ratio)
     "cat_topk": cat_topk,
+    "cat_partition": cat_partition,
     "radix_bincount": radix_bincount,
     "upstream_argsort": upstream_argsort,
 }

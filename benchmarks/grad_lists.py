@@ -2,7 +2,8 @@
 
 Shapes come from JSON files in shapes/ (written from the real model definitions, so GPU machines without
 diffusers/transformers can use them): ResNet-18 with the CIFAR stem (11.2M in 62 tensors), the Stable Diffusion
-v1 UNet (860M in 686 tensors), Llama-2-7B (6.7B in 291 tensors). `synthetic:N:T` gives N elements in T tensors.
+v1 UNet (860M in 686 tensors), Llama-2-7B (6.7B in 291 tensors). `synthetic:N:T` gives N elements in T tensors;
+`unet686x16` the UNet's tensor count with 16 elements each (what a step costs besides moving bytes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def list_shapes(spec: str) -> list[tuple[int, ...]]:
-    """'resnet18_cifar', 'sd15_unet', 'llama7b', or 'synthetic:<elements>:<tensors>' (e.g. synthetic:1e7:60)."""
+    """'resnet18_cifar', 'sd15_unet', 'llama7b', 'unet686x16' (686 tensors of 16 elements), or
+    'synthetic:<elements>:<tensors>' (e.g. synthetic:1e7:60)."""
+    if spec == "unet686x16":  # the SD-UNet's tensor count with 16 elements each: host overhead, not bandwidth
+        return [(16,)] * 686
     if spec.startswith("synthetic:"):
         _, n, t = spec.split(":")
         total, tensors = int(float(n)), int(t)

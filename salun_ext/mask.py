@@ -96,7 +96,9 @@ class SaliencyMask:
         shard: MaskShard | None = None,
     ) -> None:
         names = tuple(names)
-        shapes = tuple(torch.Size(s) for s in shapes)
+        shapes = tuple(shapes)
+        if set(map(type, shapes)) != {torch.Size}:
+            shapes = tuple(map(torch.Size, shapes))
         if len(names) != len(shapes):
             raise UsageError(f"SaliencyMask: got {len(names)} names but {len(shapes)} shapes")
         if len(set(names)) != len(names):
@@ -104,7 +106,7 @@ class SaliencyMask:
             raise UsageError(f"SaliencyMask: duplicate tensor names {duplicates}")
         if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 1:
             raise TypeError("SaliencyMask: 'words' must be a 1-D int32 tensor")
-        offsets, total = ops.word_offsets([math.prod(s) for s in shapes])
+        offsets, total = ops.word_offsets(list(map(math.prod, shapes)))
         if words.numel() != total:
             raise UsageError(
                 f"SaliencyMask: 'words' has {words.numel()} words but the shapes need {total} "
@@ -123,7 +125,7 @@ class SaliencyMask:
             )
         self.shard = shard
         self._offsets = offsets
-        self._index = {n: i for i, n in enumerate(names)}
+        self._index = dict(zip(names, range(len(names))))
 
     # ------------------------------------------------------------------ structure
     @property

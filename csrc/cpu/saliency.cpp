@@ -45,6 +45,16 @@ std::vector<Chunk> make_chunks(const TensorListInfo& info) {
   return chunks;
 }
 
+// Chunks per parallel task: about 2^15 elements each (ATen's GRAIN_SIZE), so a list of many small tensors runs on
+// one thread instead of waking the pool for a few microseconds of work (the split never changes a result).
+int64_t chunk_grain(const std::vector<Chunk>& chunks) {
+  int64_t elements = 0;
+  for (const Chunk& ch : chunks) elements += ch.end - ch.begin;
+  const int64_t items = static_cast<int64_t>(chunks.size());
+  if (elements <= 0) return std::max<int64_t>(items, 1);
+  return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(items) * (int64_t{1} << 15) / elements));
+}
+
 // Reads element i of a tensor's raw storage as a key. One instantiation per dtype keeps the inner loops free of
 // dtype branches.
 template <KeyDtype D>
@@ -105,7 +115,7 @@ at::Tensor key_histogram_cpu(const std::vector<at::Tensor>& grads, int64_t low_b
   const uint32_t digit_mask = spec.digit_mask;
   std::vector<uint32_t> prefix_u32(prefixes.begin(), prefixes.end());
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks), [&](int64_t first, int64_t last) {
     int64_t* hist = local[at::get_thread_num()].data();
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
@@ -179,7 +189,7 @@ at::Tensor mask_words_cpu(const std::vector<at::Tensor>& grads, int64_t threshol
   std::vector<int64_t> ties_before(num_chunks, 0);
   std::vector<int64_t> ties_through(num_chunks, 0);
   if (partial) {
-    at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    at::parallel_for(0, num_chunks, chunk_grain(chunks), [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const Chunk& ch = chunks[c];
         with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
@@ -199,7 +209,7 @@ at::Tensor mask_words_cpu(const std::vector<at::Tensor>& grads, int64_t threshol
 
   at::Tensor out = at::zeros({info.total_words}, grads.front().options().dtype(at::kInt));
   uint32_t* words = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, num_chunks, chunk_grain(chunks), [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
       TieRule rule = tie_limit < 0 ? TieRule::kAll : TieRule::kNone;
@@ -262,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cpu(con
   // Once the window is known to overflow `capacity` the caller falls back to the histogram path, so candidate
   // lists are dropped from then on: memory stays bounded whatever the window holds.
   std::atomic<int64_t> collected{0};
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, num_chunks, chunk_grain(chunks), [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
       ChunkResult& r = results[c];

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from itertools import accumulate
 
 BITS_PER_WORD = 32
 SEGMENT_ALIGN_BITS = 128
@@ -21,11 +22,9 @@ def segment_words(numel: int) -> int:
 
 def word_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
     """First word of each tensor's segment, and the total number of words."""
-    offsets, total = [], 0
-    for n in numels:
-        offsets.append(total)
-        total += segment_words(n)
-    return offsets, total
+    offsets = list(accumulate([(n + SEGMENT_ALIGN_BITS - 1) // SEGMENT_ALIGN_BITS for n in numels], initial=0))
+    total = offsets.pop() * WORDS_PER_SEGMENT_ALIGN
+    return [o * WORDS_PER_SEGMENT_ALIGN for o in offsets], total
 
 
 # Bit j of a word is bit j % 8 of byte j // 8 of that word on little-endian machines (x86, ARM, every GPU), so

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Literal
 
 import torch
 
 from salun_ext import ops
-from salun_ext.distributed.shards import to_local
+from salun_ext.distributed.shards import is_dtensor, to_local
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
+from salun_ext.optim._plan import Bucket, GroupPlan, Item, bucket_grads, buckets_of
 from salun_ext.utils.errors import UsageError
 
 Mode = Literal["strict", "compat"]
@@ -32,19 +32,71 @@ class MaskedOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._validate()
         if self.mode == "compat":
+            self._validate()
             self._compat_prepare()
             super().step()  # the torch optimizer's own dense step
             return loss
         grad_scale, found_inf = self._amp_args(self)
-        for group in self.param_groups:
-            self._strict_group_step(group, grad_scale, found_inf)
+        # 1. the groups whose kernel lists still hold give this step's gradients; the others are checked in full
+        ready = [self._planned_grads(group) for group in self.param_groups]
+        for group, grads in zip(self.param_groups, ready):
+            if grads is None:
+                self._validate_group(group)
+        # 2. every list is (re)built before the first kernel runs; 3. the kernels
+        launches = [self._group_lists(group, grads) for group, grads in zip(self.param_groups, ready)]
+        for group, (buckets, grads) in zip(self.param_groups, launches):
+            for bucket in buckets:
+                self._launch(group, bucket, bucket_grads(bucket, grads), grad_scale, found_inf)
         return loss
 
-    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
-        """The strict update of one parameter group (each optimizer's own kernel call)."""
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        """The state tensors a strict step of this group reads, in the order of Item.states."""
         raise NotImplementedError
+
+    def _group_items(self, group: dict) -> list[Item]:
+        """The checked, uncached kernel views of one group (state created on first use, layouts matched)."""
+        raise NotImplementedError
+
+    def _launch(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], grad_scale, found_inf) -> None:
+        """The strict update of one device's share of a group (each optimizer's own kernel call)."""
+        raise NotImplementedError
+
+    def _planned_grads(self, group: dict) -> list[torch.Tensor] | None:
+        """This step's kernel gradients of the group when its cached lists still hold, else None."""
+        plan = self._plans.get(id(group))
+        if plan is None or plan.group is not group or torch.compiler.is_compiling():
+            return None
+        return plan.grads(self.state, self._state_keys(group))
+
+    def _group_lists(self, group: dict, grads: list[torch.Tensor] | None) -> tuple[list[Bucket], list[torch.Tensor]]:
+        """(device buckets, gradients) of a group: the cached plan's, or built now (and cached when it can be)."""
+        if grads is not None:
+            return self._plans[id(group)].buckets, grads
+        items = self._group_items(group)
+        live = [p for p in group["params"] if self._words_for(p) is not None]
+        cacheable = not (
+            torch.compiler.is_compiling()
+            or any(it.first for it in items)  # SGD's new momentum buffers: the next step is not a first step
+            or any(is_dtensor(p) or is_dtensor(p.grad) for p in live)
+        )
+        plan = GroupPlan(group, self.state, live, items, self._state_keys(group)) if cacheable else None
+        if plan is not None:
+            self._plan_built(plan)
+        self._plans[id(group)] = plan
+        return (plan.buckets if plan is not None else buckets_of(items)), [it.grad for it in items]
+
+    def _plan_built(self, plan: GroupPlan) -> None:
+        """Hook: an optimizer may rearrange its state once the lists are cached (then plan.record_state())."""
+
+    def _item(self, p: torch.Tensor, states: tuple, words: torch.Tensor, first: bool = False) -> Item:
+        """p's share of a step: kernel views of p and its gradient; `states`: the state tensors' kernel views."""
+        grad = self._kernel_view(p, self._relayout(p, p.grad))
+        return Item(p, self._kernel_view(p, p), grad, states, self._kernel_words_for(p, words), self._perm(p), first)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # (they would be rebuilt anyway; this frees the old state at once)
 
     def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode) -> None:
         if mode not in ("strict", "compat"):
@@ -56,6 +108,7 @@ class MaskedOptimizerMixin:
         self._dense_cache: dict[int, torch.Tensor] = {}
         self._perms: dict[int, tuple[int, ...] | None] = {}
         self._kernel_words: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, GroupPlan | None] = {}  # id(group) -> its cached kernel lists (_plan.py)
         # strict mode unscales gradients and honours found_inf itself (GradScaler sets grad_scale/found_inf)
         self._step_supports_amp_scaling = mode == "strict"
 
@@ -119,9 +172,12 @@ class MaskedOptimizerMixin:
     def _validate(self) -> None:
         """Every check before any parameter changes: bad input loses nothing."""
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and self._words_for(p) is not None:
-                    check_grad(p, self._param_name(group, i))
+            self._validate_group(group)
+
+    def _validate_group(self, group: dict) -> None:
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None and self._words_for(p) is not None:
+                check_grad(p, self._param_name(group, i))
 
     def _compat_prepare(self) -> None:
         """grad *= mask (the paper's recipe); frozen parameters drop their gradient so torch skips them."""
@@ -140,13 +196,6 @@ class MaskedOptimizerMixin:
     @staticmethod
     def _amp_args(optimizer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-
-    @staticmethod
-    def _by_device(items):
-        buckets = defaultdict(list)
-        for item in items:
-            buckets[item[0].device].append(item)
-        return buckets
 
 
 def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:

@@ -112,6 +112,10 @@ def check_grad(p: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"masked optimizers do not support complex parameters or gradients ({name})")
     if g.shape != p.shape:
         raise RuntimeError(f"gradient of {name} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
+    if g.dtype != p.dtype or g.device != p.device:  # what the step kernels require, checked before any group steps
+        raise RuntimeError(
+            f"gradient of {name} has dtype {g.dtype} on {g.device}, expected {p.dtype} on {p.device} (the parameter's)"
+        )
 
 
 def check_finite(**values) -> None:

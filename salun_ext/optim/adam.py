@@ -7,6 +7,7 @@ import torch
 from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
+from salun_ext.optim._plan import Bucket, GroupPlan, Item
 
 
 class _MaskedAdamStep(MaskedOptimizerMixin):
@@ -35,10 +36,12 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
         )
         self._init_masks(mask, unmasked, mode)
 
-    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        return (*moments, "step")
+
+    def _group_items(self, group: dict) -> list[Item]:
         amsgrad = group["amsgrad"]
-        beta1, beta2 = group["betas"]
-        lr, lr_tensor = lr_args(group["lr"])
         items = []
         for p in group["params"]:
             words = self._words_for(p)
@@ -54,39 +57,60 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if state["step"].device != p.device or state["step"].dtype != torch.float32:
                 state["step"] = state["step"].to(p.device, torch.float32)  # e.g. from torch.optim.Adam
-            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-            views = {}
-            for key in keys:
+            views = []
+            for key in self._state_keys(group)[:-1]:
                 state[key] = self._relayout(p, state[key])
-                views[key] = self._kernel_view(p, state[key])
-            views["step"] = state["step"]
-            grad = self._kernel_view(p, self._relayout(p, p.grad))
-            items.append((self._kernel_view(p, p), grad, views, self._kernel_words_for(p, words)))
-        for device, bucket in self._by_device(items).items():
-            steps = [it[2]["step"] for it in bucket]
+                views.append(self._kernel_view(p, state[key]))
+            items.append(self._item(p, (*views, state["step"]), words))
+        return items
+
+    def _plan_built(self, plan: GroupPlan) -> None:
+        """Each bucket's step counts become views of one tensor: one add per step instead of one per parameter
+        (state["step"] stays a 0-dim float32 tensor of its own; only its storage is shared)."""
+        for bucket in plan.buckets:
+            flat = torch.stack(bucket.states[-1])
+            views = list(flat.unbind(0))
+            for p, view in zip(bucket.sources, views):
+                self.state[p]["step"] = view
+            bucket.states[-1], bucket.flat_step = views, flat
+        plan.record_state()
+
+    def _launch(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = lr_args(group["lr"])
+        device = bucket.device
+        steps = bucket.states[-1]
+        flat = bucket.flat_step
+        if flat is not None:
+            flat.add_(1)
+        else:
             torch._foreach_add_(steps, 1)
-            found = on_device(found_inf, device)
-            ops.masked_adam_(
-                [it[0] for it in bucket],
-                [it[1] for it in bucket],
-                [it[2]["exp_avg"] for it in bucket],
-                [it[2]["exp_avg_sq"] for it in bucket],
-                [it[2]["max_exp_avg_sq"] for it in bucket] if amsgrad else [],
-                steps,
-                [it[3] for it in bucket],
-                lr=lr,
-                lr_tensor=on_device(lr_tensor, device),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=amsgrad,
-                maximize=group["maximize"],
-                grad_scale=on_device(grad_scale, device),
-                found_inf=found,
-            )
-            if found is not None:  # a skipped step does not count (as torch's fused Adam)
+        found = on_device(found_inf, device)
+        ops.masked_adam_(
+            bucket.params,
+            grads,
+            bucket.states[0],
+            bucket.states[1],
+            bucket.states[2] if amsgrad else [],
+            steps,
+            bucket.words,
+            lr=lr,
+            lr_tensor=on_device(lr_tensor, device),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            grad_scale=on_device(grad_scale, device),
+            found_inf=found,
+        )
+        if found is not None:  # a skipped step does not count (as torch's fused Adam)
+            if flat is not None:
+                flat.sub_(found.to(torch.float32))
+            else:
                 torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
 
 

@@ -7,6 +7,7 @@ import torch
 from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
+from salun_ext.optim._plan import Bucket, Item
 
 
 class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
@@ -47,15 +48,17 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
         )
         self._init_masks(mask, unmasked, mode)
 
-    def _strict_group_step(self, group: dict, grad_scale, found_inf) -> None:
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _group_items(self, group: dict) -> list[Item]:
         momentum = group["momentum"]
-        lr, lr_tensor = lr_args(group["lr"])
         items = []
         for p in group["params"]:
             words = self._words_for(p)
             if p.grad is None or words is None:
                 continue
-            buf, first = None, False
+            states, first = (), False
             if momentum != 0:
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
@@ -63,27 +66,35 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
                     buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                     first = True
                 buf = state["momentum_buffer"] = self._relayout(p, buf)
-                buf = self._kernel_view(p, buf)
-            grad = self._kernel_view(p, self._relayout(p, p.grad))
-            items.append((self._kernel_view(p, p), grad, buf, self._kernel_words_for(p, words), first))
-        for device, bucket in self._by_device(items).items():
-            for first in (True, False):  # new momentum buffers take the gradient itself (torch's first step)
-                chosen = [it for it in bucket if it[4] == first]
-                if not chosen:
-                    continue
-                ops.masked_sgd_(
-                    [it[0] for it in chosen],
-                    [it[1] for it in chosen],
-                    [it[2] for it in chosen] if momentum != 0 else [],
-                    [it[3] for it in chosen],
-                    lr=lr,
-                    lr_tensor=on_device(lr_tensor, device),
-                    momentum=momentum,
-                    dampening=group["dampening"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                    first_step=first,
-                    grad_scale=on_device(grad_scale, device),
-                    found_inf=on_device(found_inf, device),
-                )
+                states = (self._kernel_view(p, buf),)
+            items.append(self._item(p, states, words, first))
+        return items
+
+    def _launch(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], grad_scale, found_inf) -> None:
+        momentum = group["momentum"]
+        lr, lr_tensor = lr_args(group["lr"])
+        device = bucket.device
+        bufs = bucket.states[0] if momentum != 0 else []
+        parts = [(False, None)]
+        if any(bucket.first):  # new momentum buffers take the gradient itself (torch's first step)
+            parts = [(first, [i for i, f in enumerate(bucket.first) if f == first]) for first in (True, False)]
+        for first, index in parts:
+            if index is not None and not index:
+                continue
+            pick = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])  # noqa: B023
+            ops.masked_sgd_(
+                pick(bucket.params),
+                pick(grads),
+                pick(bufs) if momentum != 0 else [],
+                pick(bucket.words),
+                lr=lr,
+                lr_tensor=on_device(lr_tensor, device),
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                first_step=first,
+                grad_scale=on_device(grad_scale, device),
+                found_inf=on_device(found_inf, device),
+            )

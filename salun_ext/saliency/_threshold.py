@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
+from operator import attrgetter
 
 import torch
 
@@ -29,6 +31,9 @@ _LOW_BITS_ZERO_FOR_16BIT = 13
 
 NanPolicy = str  # "raise" | "zero"
 GradsLike = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]
+_DTYPE, _LAYOUT, _DEVICE, _GRAD = attrgetter("dtype"), attrgetter("layout"), attrgetter("device"), attrgetter("grad")
+_16BIT = frozenset((torch.bfloat16, torch.float16))
+_KEY_DTYPES = frozenset(ops.KEY_DTYPES)
 
 
 @dataclasses.dataclass
@@ -66,7 +71,7 @@ def _histogram(
     tensors: list[torch.Tensor], low_bit: int, width: int, rows: list[int], nan_as_zero: bool
 ) -> torch.Tensor:
     """key_histogram over the non-empty tensors (zeros when there are none: a process may hold no elements)."""
-    nonempty = [t for t in tensors if t.numel() > 0]
+    nonempty = tensors if all(map(torch.Tensor.numel, tensors)) else [t for t in tensors if t.numel() > 0]
     if not nonempty:
         device = tensors[0].device if tensors else "cpu"
         return torch.zeros((len(rows), 1 << width), dtype=torch.int64, device=device)
@@ -100,9 +105,10 @@ def find_thresholds(
     reducer = reducer or HistogramReducer()
     # the kernels read flat memory; a count does not depend on element order, so a permuted dense view
     # (channels_last, transposes) is as good as a copy and costs nothing
-    tensors = [_dense_view(t) for t in tensors]
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        tensors = [_dense_view(t) for t in tensors]
     if total is None:
-        total = sum(t.numel() for t in tensors)
+        total = sum(map(torch.Tensor.numel, tensors))
     for k in ks:
         if not 0 <= k <= total:
             raise UsageError(f"k = {k} is outside [0, {total}]")
@@ -111,7 +117,7 @@ def find_thresholds(
     greater = dict.fromkeys(active, 0)
     ties = dict.fromkeys(active, 0)
     if all_16bit is None:
-        all_16bit = all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+        all_16bit = set(map(_DTYPE, tensors)) <= _16BIT
 
     low_bit = ops.KEY_BITS
     for level, width in enumerate(DIGIT_WIDTHS):
@@ -202,6 +208,9 @@ def named_tensors(grads: GradsLike) -> tuple[list[str], list[torch.Tensor]]:
     """
     if isinstance(grads, torch.Tensor):
         raise TypeError("grads must be a mapping name -> tensor or an iterable of tensors, not a single tensor")
+    fast = _plain_named_tensors(grads)
+    if fast is not None:
+        return fast
     items = list(grads.items()) if isinstance(grads, Mapping) else list(grads)
     names: list[str] = []
     tensors: list[torch.Tensor] = []
@@ -218,6 +227,40 @@ def named_tensors(grads: GradsLike) -> tuple[list[str], list[torch.Tensor]]:
         if t.device != device:
             raise UsageError(f"gradient {name!r} is on {t.device} but {names[0]!r} is on {device}; use one device")
     return names, tensors
+
+
+def _plain_named_tensors(grads) -> tuple[list, list[torch.Tensor]] | None:
+    """named_tensors of the usual inputs (plain tensors or parameters with their .grad, valid, one device) with one
+    C-level pass per property instead of Python per tensor; None sends anything else down the checked path (which
+    also words every error)."""
+    if isinstance(grads, Mapping):
+        names, values = list(grads.keys()), list(grads.values())
+    elif isinstance(grads, (list, tuple)) and grads:
+        values, names = list(grads), None
+        if type(values[0]) is tuple:  # (name, tensor) pairs
+            if set(map(len, values)) != {2}:
+                return None
+            names, values = map(list, zip(*values))
+    else:
+        return None
+    kinds = set(map(type, values))
+    if kinds == {torch.nn.Parameter}:  # model.named_parameters() after backward: rank the gradients
+        values = list(map(_GRAD, values))
+        kinds = set(map(type, values))
+    if kinds != {torch.Tensor}:
+        return None
+    if (
+        not set(map(_DTYPE, values)) <= _KEY_DTYPES
+        or set(map(_LAYOUT, values)) != {torch.strided}
+        or len(set(map(_DEVICE, values))) != 1
+    ):
+        return None
+    names = list(map(str, range(len(values)))) if names is None else names
+    if len(set(names)) != len(names):
+        return None
+    if any(map(attrgetter("requires_grad"), values)):
+        values = [v.detach() if v.requires_grad else v for v in values]
+    return names, values
 
 
 def _named_gradient(i: int, item) -> tuple[str, torch.Tensor]:
@@ -247,6 +290,8 @@ def has_dtensor(grads: GradsLike) -> bool:
     """Whether `grads` (a mapping or a list, of tensors, pairs or parameters) holds a DTensor (FSDP2)."""
     from salun_ext.distributed.shards import is_dtensor
 
+    if sys.modules.get("torch.distributed.tensor") is None:  # without it no DTensor can exist (is_dtensor)
+        return False
     if isinstance(grads, Mapping):
         values = list(grads.values())
     elif isinstance(grads, (list, tuple)):

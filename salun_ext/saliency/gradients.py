@@ -204,7 +204,13 @@ def _share(sums, count: int, named: Named, model, process_group, replicated_batc
 
 def _rank(sums, named: Named, ratios, reduction: str, **select) -> SaliencyMask | list[SaliencyMask]:
     """The masks of the magnitudes (|sum|, in place, for abs_of_sum); the parameters' .grad are cleared first."""
-    magnitudes = {n: (g.abs_() if reduction == "abs_of_sum" else g) for n, g in sums.items()}
+    if reduction == "abs_of_sum":
+        if has_dtensor(sums):
+            for g in sums.values():
+                g.abs_()
+        else:  # one call for the whole list
+            torch._foreach_abs_(list(sums.values()))
+    magnitudes = sums
     for _, p in named:
         p.grad = None
     return saliency_masks(magnitudes, ratios, **select)

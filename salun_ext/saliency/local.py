@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -74,7 +75,8 @@ def saliency_masks(
         nan: "raise" (default) raises naming the tensors that hold NaN; "zero" ranks NaN as 0.
         method: "histogram" (radix-select histogram passes, then one mask pass), "window" (a sample brackets the
             threshold and one fused pass writes the mask; falls back to the histogram path when the bracket
-            misses), or "auto" (window for one-process lists of 65536+ elements). Every method is exact.
+            misses), or "auto" (window for one-process lists of 65536+ elements; below that, every key is read
+            once and the threshold selected from them). Every method is exact.
         process_group: a torch.distributed group (or `torch.distributed.group.WORLD`): the mask is global over
             the whole group, bit-identical to the single-process mask of the full list. Only histograms are
             communicated (KiB, whatever the model size). DTensor gradients (FSDP2) use the default group when
@@ -94,15 +96,18 @@ def saliency_masks(
         return _distributed(grads, ratios, exact_k, nan, method, process_group, layout, timeout_s)
     names, tensors = named_tensors(grads)
     ratio_list, single = as_ratio_list(ratios)
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(torch.Tensor.numel, tensors))
     if total == 0:
         raise UsageError("saliency_masks: every gradient is empty (0 elements in total)")
     ks = [ratio_to_k(r, total) for r in ratio_list]
     nan_as_zero = nan_flag(nan)
-    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     use_window = _use_window(method, reducer, total)
-    results = _select(tensors, names, ks, exact_k, nan_as_zero, use_window, reducer)
-    shapes = [t.shape for t in tensors]
+    # "auto" below the window's size: one read of every key and a host select beat three histogram passes
+    read_all = method == "auto" and reducer is None and not use_window
+    results = _select(tensors, names, ks, exact_k, nan_as_zero, use_window, reducer, read_all)
+    shapes = list(map(attrgetter("shape"), tensors))
     masks = [
         SaliencyMask(words, names, shapes, ratio=float(r), k=th.k, threshold=th.value, exact_k=exact_k)
         for r, (words, th) in zip(ratio_list, results)
@@ -139,19 +144,42 @@ def _use_window(method: Method, reducer: HistogramReducer | None, total: int) ->
     return method == "window" or (method == "auto" and reducer is None and total >= WINDOW_MIN_ELEMENTS)
 
 
-def _select(tensors, names, ks, exact_k, nan_as_zero, use_window, reducer) -> list[tuple[torch.Tensor, Threshold]]:
+def _select(
+    tensors, names, ks, exact_k, nan_as_zero, use_window, reducer, read_all=False
+) -> list[tuple[torch.Tensor, Threshold]]:
     """(mask words, threshold) per k: the window select where it decides, the histogram path for the rest."""
     results: list[tuple[torch.Tensor, Threshold] | None] = (
         _window_masks(tensors, names, ks, exact_k, nan_as_zero) if use_window else [None] * len(ks)
     )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
-        thresholds = find_thresholds(
-            tensors, [ks[i] for i in missing], nan_as_zero=nan_as_zero, names=names, reducer=reducer
+        wanted = [ks[i] for i in missing]
+        thresholds = (
+            _thresholds_from_every_key(tensors, names, wanted, nan_as_zero)
+            if read_all
+            else find_thresholds(tensors, wanted, nan_as_zero=nan_as_zero, names=names, reducer=reducer)
         )
         for i, th in zip(missing, thresholds):
             results[i] = (_histogram_words(tensors, th, exact_k, nan_as_zero), th)
     return results  # type: ignore[return-value]
+
+
+def _thresholds_from_every_key(tensors, names, ks, nan_as_zero: bool) -> list[Threshold]:
+    """The exact thresholds of a small list (below WINDOW_MIN_ELEMENTS) from all of its keys at once: one kernel
+    call (`ops.sample_keys` with num_samples = N returns every key) and a k-th-value select, instead of three
+    histogram passes. The same Threshold as find_thresholds gives, by definition."""
+    total = sum(map(torch.Tensor.numel, tensors))
+    keys = ops.sample_keys(tensors, num_samples=total, nan_as_zero=nan_as_zero)
+    if not nan_as_zero and bool((keys == ops.NAN_KEY).any()):
+        raise_nan_error(tensors, names)
+    out = []
+    for k in ks:
+        if k == 0:
+            out.append(Threshold(k=0, key=0, greater=0, ties=0))
+            continue
+        key = int(torch.kthvalue(keys, total - k + 1).values)
+        out.append(Threshold(k=k, key=key, greater=int((keys > key).sum()), ties=int((keys == key).sum())))
+    return out
 
 
 def _histogram_words(tensors, th: Threshold, exact_k: bool, nan_as_zero: bool) -> torch.Tensor:
@@ -191,7 +219,7 @@ def _set_bits(words: torch.Tensor, positions: torch.Tensor) -> None:
 def _window_masks(tensors, names, ks, exact_k: bool, nan_as_zero: bool) -> list[tuple[torch.Tensor, Threshold] | None]:
     """(words, threshold) per k from the window select, or None where the histogram path must decide."""
     device_kind = "cuda" if tensors[0].device.type == "cuda" else "cpu"
-    total = sum(t.numel() for t in tensors)
+    total = sum(map(torch.Tensor.numel, tensors))
     sample = ops.sample_keys(tensors, num_samples=WINDOW_SAMPLES[device_kind], nan_as_zero=nan_as_zero)
     sample = torch.sort(sample.long(), descending=True).values.cpu()
     out: list[tuple[torch.Tensor, Threshold] | None] = []

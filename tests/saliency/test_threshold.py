@@ -90,3 +90,33 @@ def test_parameter_without_grad_is_named():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"parameter 'weight' has no \.grad"):
         salun_ext.saliency_masks(model.named_parameters(), 0.5)
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "dict", "pairs", "named_parameters", "parameter_dict"])
+def test_plain_inputs_take_the_one_pass_path_with_the_checked_paths_result(form, monkeypatch):
+    from salun_ext.saliency import _threshold
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    net(torch.randn(5, 3)).sum().backward()
+    named = list(net.named_parameters())
+    plain = [p.grad for _, p in named]
+    grads = {
+        "list": plain,
+        "tuple": tuple(plain),
+        "dict": {n: p.grad for n, p in named},
+        "pairs": [(n, p.grad) for n, p in named],
+        "named_parameters": named,
+        "parameter_dict": dict(named),
+    }[form]
+    monkeypatch.setattr(_threshold, "_named_gradient", lambda *a: pytest.fail("took the per-tensor path"))
+    names, tensors = _threshold.named_tensors(grads)
+    assert names == (list(map(str, range(4))) if form in ("list", "tuple") else [n for n, _ in named])
+    assert all(a is b for a, b in zip(tensors, plain)) and len(tensors) == 4
+
+
+def test_tensors_that_require_grad_are_detached_by_the_one_pass_path():
+    from salun_ext.saliency import _threshold
+
+    x = torch.randn(3, requires_grad=True)
+    names, tensors = _threshold.named_tensors([x, torch.randn(2)])
+    assert names == ["0", "1"] and not tensors[0].requires_grad and tensors[0].data_ptr() == x.data_ptr()

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -116,6 +117,21 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 LOCK_NAME = ".salun-ext.lock"
 
 
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_save's mkstemp names: .NAME.XXXXXXXX.tmp
+
+
+def _remove_orphaned_temporaries(folder: Path) -> list[Path]:
+    """Remove atomic_save's temporary files that a killed run (SIGKILL, power loss) left in `folder` and its
+    direct subfolders (the checkpoint folder). Only called under the folder's lock, so no live writer owns them."""
+    removed = []
+    for parent in [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for path in parent.iterdir():
+            if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 class OutputFolder:
     """An output folder held by one run: checked before any work starts, locked while the run writes to it.
 
@@ -125,7 +141,8 @@ class OutputFolder:
 
     Checks: the path is (or can become) a folder, it is writable, and it has `need_bytes` free. The lock is an
     advisory flock on a lock file (released by the kernel when the process dies, so a killed run never leaves the
-    folder locked); the file names the holder while it runs and is left empty afterwards.
+    folder locked); the file names the holder while it runs and is left empty afterwards. Once locked, the
+    temporary files a killed run's atomic writes left behind (in the folder and its direct subfolders) are removed.
     """
 
     def __init__(self, folder: str | os.PathLike, *, what: str = "--out", need_bytes: int = 0) -> None:
@@ -134,6 +151,7 @@ class OutputFolder:
         self.need_bytes = need_bytes
         self._lock = None
         self._created = False
+        self.orphans_removed: list[Path] = []
 
     def __enter__(self) -> OutputFolder:
         self._created = not self.folder.exists()
@@ -156,6 +174,7 @@ class OutputFolder:
         lock.write(f"pid {os.getpid()} on {os.uname().nodename}, {' '.join(sys.argv[:3])}, since {time.ctime()}\n")
         lock.flush()
         self._lock = lock
+        self.orphans_removed = _remove_orphaned_temporaries(self.folder)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

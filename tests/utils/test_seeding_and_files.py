@@ -48,3 +48,29 @@ def test_write_json_is_atomic_and_strict(tmp_path):
 
     write_json({"x": Unserialisable()}, path)
     assert json.loads(path.read_text()) == {"x": "as text"}
+
+
+def test_the_next_run_removes_the_temporary_files_a_killed_write_left(tmp_path):
+    import subprocess
+    import sys
+
+    from salun_ext.utils import OutputFolder
+
+    folder = tmp_path / "run"
+    # a process killed in the middle of atomic_save (os._exit: no finally runs, as with SIGKILL)
+    code = (
+        "import os, sys, torch\nfrom salun_ext.utils.files import atomic_save\n"
+        "def dying(obj, target):\n    torch.save(obj, target)\n    os._exit(9)\n"
+        "atomic_save({'w': torch.ones(3)}, sys.argv[1], saver=dying)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(folder / "ckpt" / "last.pt")], check=False)
+    assert proc.returncode == 9
+    orphans = list(folder.glob("**/.*.tmp"))
+    assert len(orphans) == 1 and orphans[0].parent.name == "ckpt", orphans
+    (folder / ".notes.tmp").write_text("a user's file")  # not atomic_save's naming: kept
+    (folder / "keep.tmp").write_text("kept")
+
+    with OutputFolder(folder) as out:
+        assert out.orphans_removed == orphans
+    assert not orphans[0].exists() and not (folder / "ckpt" / "last.pt").exists()
+    assert (folder / ".notes.tmp").read_text() == "a user's file" and (folder / "keep.tmp").exists()

@@ -53,13 +53,18 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+EPOCHS = 100
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_an_interrupted_training_resumes_bit_identical(tmp_path, how):
+    # an epoch takes ~30 ms here: 100 of them leave the signal seconds to land after the first checkpoint, so the
+    # run cannot finish before it is interrupted (6 epochs could, and did)
     whole = tmp_path / "whole" / "model.safetensors"
-    assert main([*TRAIN, "--epochs", "6", "--out", str(whole)]) == 0
+    assert main([*TRAIN, "--epochs", str(EPOCHS), "--out", str(whole)]) == 0
 
     out = tmp_path / "cut" / "model.safetensors"
-    proc = _cli([*TRAIN, "--epochs", "6", "--out", str(out)])
+    proc = _cli([*TRAIN, "--epochs", str(EPOCHS), "--out", str(out)])
     _wait_for(out.parent / "ckpt" / "last.pt", proc)  # the first epoch's checkpoint
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=120)
@@ -73,7 +78,7 @@ def test_an_interrupted_training_resumes_bit_identical(tmp_path, how):
     if how == "SIGINT":  # Python saw the interruption, so no write is left half-done
         assert not list(out.parent.glob("**/.*.tmp")), "a temporary file was left behind"
     # (a SIGKILL in the middle of a checkpoint write leaves its temporary file: the next run removes it)
-    assert main([*TRAIN, "--epochs", "6", "--out", str(out), "--resume"]) == 0
+    assert main([*TRAIN, "--epochs", str(EPOCHS), "--out", str(out), "--resume"]) == 0
     assert not list(out.parent.glob("**/.*.tmp")), "the resumed run left a temporary file"
     resumed, reference = _weights(out), _weights(whole)
     assert resumed.keys() == reference.keys()
@@ -82,7 +87,7 @@ def test_an_interrupted_training_resumes_bit_identical(tmp_path, how):
 
 def test_sigterm_ends_the_run_with_143(tmp_path):
     out = tmp_path / "t" / "model.safetensors"
-    proc = _cli([*TRAIN, "--epochs", "50", "--out", str(out)])
+    proc = _cli([*TRAIN, "--epochs", "1000", "--out", str(out)])  # ~30 s: it must still run when the signal lands
     _wait_for(out.parent / "ckpt" / "last.pt", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

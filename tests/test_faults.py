@@ -64,7 +64,10 @@ def test_an_interrupted_training_resumes_bit_identical(tmp_path, how):
     assert main([*TRAIN, "--epochs", str(EPOCHS), "--out", str(whole)]) == 0
 
     out = tmp_path / "cut" / "model.safetensors"
-    proc = _cli([*TRAIN, "--epochs", str(EPOCHS), "--out", str(out)])
+    # Ctrl-C as at a terminal: a shell that starts the tests in the background (CI, `make test &`) passes SIGINT
+    # down ignored, and Python then never raises KeyboardInterrupt, as nohup intends
+    ctrl_c = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+    proc = _cli([*TRAIN, "--epochs", str(EPOCHS), "--out", str(out)], setup=ctrl_c)
     _wait_for(out.parent / "ckpt" / "last.pt", proc)  # the first epoch's checkpoint
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=120)

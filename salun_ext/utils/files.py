@@ -121,14 +121,19 @@ _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_save's mkstem
 
 
 def _remove_orphaned_temporaries(folder: Path) -> list[Path]:
-    """Remove atomic_save's temporary files that a killed run (SIGKILL, power loss) left in `folder` and its
-    direct subfolders (the checkpoint folder). Only called under the folder's lock, so no live writer owns them."""
+    """Remove atomic_save's temporary files that a killed run (SIGKILL, power loss) left in `folder` and in its
+    checkpoint folders (`ckpt/`, the LM commands' `checkpoints/`). Only called under the folder's lock, so no run
+    of ours is writing them; other subfolders are left alone (`--out` may also hold the user's own files)."""
     removed = []
-    for parent in [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]:
-        for path in parent.iterdir():
-            if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink()
-                removed.append(path)
+    for parent in (folder, folder / "ckpt", folder / "checkpoints"):
+        try:
+            entries = list(parent.iterdir()) if parent.is_dir() and not parent.is_symlink() else []
+            for path in entries:
+                if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+        except OSError:  # unreadable, or removed meanwhile: a leftover temporary file harms nothing
+            continue
     return removed
 
 
@@ -142,7 +147,7 @@ class OutputFolder:
     Checks: the path is (or can become) a folder, it is writable, and it has `need_bytes` free. The lock is an
     advisory flock on a lock file (released by the kernel when the process dies, so a killed run never leaves the
     folder locked); the file names the holder while it runs and is left empty afterwards. Once locked, the
-    temporary files a killed run's atomic writes left behind (in the folder and its direct subfolders) are removed.
+    temporary files a killed run's atomic writes left behind (in the folder and its checkpoint folders) are removed.
     """
 
     def __init__(self, folder: str | os.PathLike, *, what: str = "--out", need_bytes: int = 0) -> None:

@@ -69,8 +69,11 @@ def test_the_next_run_removes_the_temporary_files_a_killed_write_left(tmp_path):
     assert len(orphans) == 1 and orphans[0].parent.name == "ckpt", orphans
     (folder / ".notes.tmp").write_text("a user's file")  # not atomic_save's naming: kept
     (folder / "keep.tmp").write_text("kept")
+    (folder / "other").mkdir()  # a folder of the user's, not the run's checkpoints: not touched
+    (folder / "other" / ".x.abcd1234.tmp").write_text("someone else's")
 
     with OutputFolder(folder) as out:
         assert out.orphans_removed == orphans
     assert not orphans[0].exists() and not (folder / "ckpt" / "last.pt").exists()
     assert (folder / ".notes.tmp").read_text() == "a user's file" and (folder / "keep.tmp").exists()
+    assert (folder / "other" / ".x.abcd1234.tmp").exists()

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from salun_ext.lm.data import IGNORE_INDEX, Encoded, TextExample, collate, encode
-from salun_ext.lm.evaluate import _autocast
+from salun_ext.lm.evaluate import _autocast, left_padded
 from salun_ext.utils.errors import MissingFileError, UsageError
 
 TOFU_SPLITS = ("forget", "retain", "real_authors", "world_facts")
@@ -350,12 +350,7 @@ def greedy_generate(
         for start in range(0, len(prompts), batch_size):
             texts = prompts[start : start + batch_size]
             chunk = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in texts]
-            longest = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, context in enumerate(chunk):
-                ids[row, longest - len(context) :] = torch.tensor(context)
-                attention[row, longest - len(context) :] = 1
+            ids, attention = left_padded(chunk, tokenizer.pad_token_id)
             with _autocast(device, amp):
                 generated = model.generate(
                     input_ids=ids.to(device),
@@ -363,7 +358,7 @@ def greedy_generate(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                )[:, longest:].cpu()
+                )[:, ids.shape[1] :].cpu()
             for row in generated.tolist():
                 if eos is not None and eos in row:
                     row = row[: row.index(eos)]

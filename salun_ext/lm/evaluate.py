@@ -23,6 +23,17 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch (ids, attention mask): generation then continues every row at the end."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, longest - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        attention[row, longest - len(tokens) :] = 1
+    return ids, attention
+
+
 def _my_share(items: Sequence, rank: int, world: int) -> list:
     return [x for i, x in enumerate(items) if i % world == rank]
 
@@ -94,12 +105,7 @@ def verbatim_completion(
     try:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            longest = max(len(c) for c, _ in chunk)
-            ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, (context, _) in enumerate(chunk):  # left padding: generation continues every row at the end
-                ids[row, longest - len(context) :] = torch.tensor(context)
-                attention[row, longest - len(context) :] = 1
+            ids, attention = left_padded([context for context, _ in chunk], tokenizer.pad_token_id)
             with _autocast(device, amp):
                 generated = model.generate(
                     input_ids=ids.to(device),
@@ -107,7 +113,7 @@ def verbatim_completion(
                     max_new_tokens=max(len(t) for _, t in chunk),
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                )[:, longest:].cpu()
+                )[:, ids.shape[1] :].cpu()
             for row, (context, target) in enumerate(chunk):
                 got = generated[row, : len(target)].tolist()  # shorter when every row stopped at EOS early
                 hits = sum(int(a == b) for a, b in zip(got, target))

@@ -159,3 +159,12 @@ def test_cli_unlearn_resume_and_evaluate(lm_dir, text_files, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--resume", "--mask-ratio", "0.3"]) == 2  # one line on stderr, no traceback
     assert "saved for mask ratio 0.5, but --mask-ratio is 0.3" in capsys.readouterr().err
+
+
+def test_left_padded_puts_every_row_at_the_end():
+    from salun_ext.lm.evaluate import left_padded
+
+    ids, attention = left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long

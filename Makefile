@@ -48,9 +48,10 @@ test-all: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks -m "" --benchmark-enable --benchmark-columns=min,median,max
 
-# ruff, and the import-linter contract of the layered package (pyproject.toml [tool.importlinter])
+# ruff (lint and format), and the import-linter contract of the layered package (pyproject.toml [tool.importlinter])
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check salun_ext tests benchmarks setup.py
+	$(PY) -m ruff format --check salun_ext tests benchmarks setup.py
 	$(VENV)/bin/lint-imports
 
 env: $(BUILD_STAMP)

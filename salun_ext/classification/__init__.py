@@ -1,14 +1,14 @@
 """Classification unlearning: the paper's methods, metrics, workflows and `reproduce` (Table 1, Figure 1).
 
-    from salun_ext.classification import RunOptions, UnlearnData, get_method
-    result = get_method("salun").run(model, UnlearnData(forget, retain), RunOptions(seed=1))
+from salun_ext.classification import RunOptions, UnlearnData, get_method
+result = get_method("salun").run(model, UnlearnData(forget, retain), RunOptions(seed=1))
 
-    methods/       one class per method (+ base.py: the contract every method follows)
-    registry.py    name -> method class (the CLI's choices), aliases
-    presets.py     per-dataset settings of `reproduce`
-    evaluation/    UA / RA / TA / MIA, Avg. Gap, Table-1 Markdown, Figure-1 PNG
-    workflows.py   train_original, unlearn_and_evaluate: what the CLI and `reproduce` both call
-    experiment.py  reproduce(): methods x seeds x scenarios, cached on disk, resumable
+methods/       one class per method (+ base.py: the contract every method follows)
+registry.py    name -> method class (the CLI's choices), aliases
+presets.py     per-dataset settings of `reproduce`
+evaluation/    UA / RA / TA / MIA, Avg. Gap, Table-1 Markdown, Figure-1 PNG
+workflows.py   train_original, unlearn_and_evaluate: what the CLI and `reproduce` both call
+experiment.py  reproduce(): methods x seeds x scenarios, cached on disk, resumable
 """
 
 from __future__ import annotations

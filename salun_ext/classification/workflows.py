@@ -1,9 +1,9 @@
 """The classification workflows, written once: the CLI (`train`, `unlearn`) and `reproduce` both call these.
 
-    load_train_test(dataset, ...)                       -> the training and test sets
-    forget_split(train, test, ...)                      -> the unlearning split (random, class-wise or given)
-    train_original(spec, data, config, options)         -> (model, record): train + the accuracies
-    unlearn_and_evaluate(method, model, split, ...)     -> (result, record): unlearn + UA/RA/TA/MIA
+load_train_test(dataset, ...)                       -> the training and test sets
+forget_split(train, test, ...)                      -> the unlearning split (random, class-wise or given)
+train_original(spec, data, config, options)         -> (model, record): train + the accuracies
+unlearn_and_evaluate(method, model, split, ...)     -> (result, record): unlearn + UA/RA/TA/MIA
 """
 
 from __future__ import annotations

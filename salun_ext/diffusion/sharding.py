@@ -1,9 +1,9 @@
 """FSDP2 for diffusion UNets: shard one for training / saliency, and gather it back into a plain one for saving.
 
-    unet_class = type(unet)            # fully_shard swaps the class for an FSDP subclass: keep the plain one
-    shard_unet(unet)                   # every rank, before building the Engine (distributed="fsdp")
-    ...
-    unshard_for_saving(unet, unet_class, owner)   # collective; rank 0's `owner.unet` is then a plain UNet
+unet_class = type(unet)            # fully_shard swaps the class for an FSDP subclass: keep the plain one
+shard_unet(unet)                   # every rank, before building the Engine (distributed="fsdp")
+...
+unshard_for_saving(unet, unet_class, owner)   # collective; rank 0's `owner.unet` is then a plain UNet
 """
 
 from __future__ import annotations

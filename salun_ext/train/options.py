@@ -1,10 +1,10 @@
 """The one run-options type of every domain, a method's training recipe, and the one adapter to the Engine.
 
-    RunOptions    HOW a run executes (device, seed, precision, checkpoints, processes): the same for every
-                  domain's `unlearn` / `run`, whatever the method.
-    TrainRecipe   WHAT a method's training does (budget, optimizer, schedule, clipping): each method's defaults
-                  (defined in engine.py: EngineConfig extends it with the run fields).
-    fit(...)      recipe + options -> an Engine -> the fitted Task; the only place the two meet.
+RunOptions    HOW a run executes (device, seed, precision, checkpoints, processes): the same for every
+              domain's `unlearn` / `run`, whatever the method.
+TrainRecipe   WHAT a method's training does (budget, optimizer, schedule, clipping): each method's defaults
+              (defined in engine.py: EngineConfig extends it with the run fields).
+fit(...)      recipe + options -> an Engine -> the fitted Task; the only place the two meet.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ T = TypeVar("T")
 class Registry(Mapping[str, T], Generic[T]):
     """Ordered name -> class, with aliases (other spellings users type) and a clear error for unknown names.
 
-        METHODS = Registry("classification method")
-        @METHODS.register                      # uses the class's `name`
-        class SalUn(UnlearnMethod): name = "salun"
+    METHODS = Registry("classification method")
+    @METHODS.register                      # uses the class's `name`
+    class SalUn(UnlearnMethod): name = "salun"
     """
 
     def __init__(self, what: str) -> None:

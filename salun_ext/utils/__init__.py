@@ -1,9 +1,9 @@
 """The bottom layer of the package beside `ops`: errors, files, devices, seeding. Imports nothing else of salun_ext.
 
-    errors.py    UsageError: bad input from a user (named argument, expected and actual value)
-    files.py     atomic writes and the one JSON writer (atomic, NaN-clean)
-    devices.py   device resolution, rank-0 checks
-    seeding.py   seed_everything, derive_seed and epoch_generator(seed, epoch, stream) with named streams
+errors.py    UsageError: bad input from a user (named argument, expected and actual value)
+files.py     atomic writes and the one JSON writer (atomic, NaN-clean)
+devices.py   device resolution, rank-0 checks
+seeding.py   seed_everything, derive_seed and epoch_generator(seed, epoch, stream) with named streams
 """
 
 from salun_ext.utils.devices import is_main_process, resolve_device

@@ -71,6 +71,7 @@ def test_a_usage_error_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_other_errors_keep_their_traceback(monkeypatch):
     """A KeyError inside a command is a bug: main must not turn it into a quiet exit status."""
+
     def broken(args):
         raise KeyError("an internal bug")
 

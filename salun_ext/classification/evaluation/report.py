@@ -110,5 +110,3 @@ def plot_gaps(summary: dict[str, Any], path: str | os.PathLike, *, exclude: Sequ
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
-
-

@@ -134,7 +134,5 @@ class L1Sparse(UnlearnMethod):
         if not 0 <= cfg.no_l1_epochs < cfg.epochs:
             raise UsageError(f"no_l1_epochs must be in [0, epochs={cfg.epochs}), got {cfg.no_l1_epochs}")
         params = [p for p in model.parameters() if p.requires_grad]
-        task = _L1Task(
-            self.loader(data, "retain", options, "retain"), params, cfg.alpha, cfg.epochs, cfg.no_l1_epochs
-        )
+        task = _L1Task(self.loader(data, "retain", options, "retain"), params, cfg.alpha, cfg.epochs, cfg.no_l1_epochs)
         return {"history": self.fit(model, task, options, mask=mask).history}

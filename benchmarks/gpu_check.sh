@@ -14,8 +14,9 @@
 # Budget (seconds; a step gets at most its share and never more than what is left of BUDGET_S, so time a step
 # does not use flows to the later ones):
 #   build 150 | kernels_status 10 | cuda_tests 90 | mask_860m 25, mask_2b 20, mask_3b 25, mask_6.7b_bf16 25
-#   | optim 60                                         = 405 in priority order
-#   | epoch_time, diffusion: up to 120 each, from what is left (>= 15)
+#   | optim 60 | compact_state 30                      = 435 in priority order (the last ones get what is left)
+#   | cuda_slow_tests (-m "cuda and slow": > 2^31 elements) up to 60, then llm_scale, epoch_time, diffusion up
+#   to 120 each, from what is left (>= 15)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_S=${BUDGET_S:-420}
@@ -78,8 +79,9 @@ if [[ "$DRY" == 1 ]]; then  # every -m cuda test skips without a GPU: this prove
   TESTS=${GPU_CHECK_TESTS:-tests/ops/test_optim_kernels.py}
 fi
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  run_step cuda_tests 90 env SALUN_EXT_REQUIRE_NATIVE=1 "$PY" -m pytest "$TESTS" -m cuda -q -rfE -o addopts= \
-    -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/cuda_tests.xml"
+  # (-o addopts= drops the default "not slow" filter: slow tests are the separate step 4b)
+  run_step cuda_tests 90 env SALUN_EXT_REQUIRE_NATIVE=1 "$PY" -m pytest "$TESTS" -m "cuda and not slow" -q -rfE \
+    -o addopts= -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/cuda_tests.xml"
   "${REPORT[@]}" pytest "$RESULTS" "$OUT/cuda_tests.xml" "$OUT/cuda_tests.log"
 else
   skip_step cuda_tests "pytest is not installed"
@@ -110,7 +112,34 @@ else
     --densities 0.01,0.1,0.5,0.9 --reps 10 --jsonl "$RESULTS"
 fi
 
-# 5. the rest, with whatever budget is left
+# 4b. compact vs dense optimizer state (state bytes, step time; bit-identity checked), densities 0.01 / 0.1 / 0.5
+if [[ "$DRY" == 1 ]]; then
+  run_step compact_state 20 "$PY" benchmarks/compact_state.py --device cpu --lists unet686x16 --densities 0.1 \
+    --reps 1 --jsonl "$RESULTS"
+else
+  run_step compact_state 30 "$PY" benchmarks/compact_state.py --device cuda --lists resnet18_cifar,sd15_unet \
+    --densities 0.01,0.1,0.5 --reps 10 --jsonl "$RESULTS"
+fi
+
+# 4c. the slow CUDA tests (lists of > 2^31 elements, 10-20 GB each), with whatever budget is left
+if [[ "$DRY" == 1 ]]; then
+  skip_step cuda_slow_tests "dry run (no GPU)"
+elif "$PY" -c 'import pytest' 2>/dev/null; then
+  run_step cuda_slow_tests 60 env SALUN_EXT_REQUIRE_NATIVE=1 "$PY" -m pytest "$TESTS" -m "cuda and slow" -q -rfE \
+    -o addopts= -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/cuda_slow_tests.xml"
+  "${REPORT[@]}" pytest "$RESULTS" "$OUT/cuda_slow_tests.xml" "$OUT/cuda_slow_tests.log" cuda_slow_tests_summary
+else
+  skip_step cuda_slow_tests "pytest is not installed"
+fi
+
+# 5. the rest, with whatever budget is left: the 7B-class Llama unlearning step (issue 15), epoch time, diffusion
+if ! "$PY" -c 'import transformers' 2>/dev/null; then
+  skip_step llm_scale "transformers is not installed"
+elif [[ "$DRY" == 1 ]]; then
+  run_step llm_scale 30 "$PY" benchmarks/llm_scale.py --tiny --device cpu --seq 32 --reps 1 --jsonl "$RESULTS"
+else
+  run_step llm_scale 120 "$PY" benchmarks/llm_scale.py --jsonl "$RESULTS"
+fi
 if [[ "$DRY" == 1 ]]; then
   skip_step epoch_time "dry run (no GPU)"
 else

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check_report.py emit RESULTS step=build status=ok rc=0 seconds=93
     python benchmarks/gpu_check_report.py env RESULTS dry=0 budget_s=420
-    python benchmarks/gpu_check_report.py pytest RESULTS JUNIT_XML LOG    # a test summary line (failures listed)
+    python benchmarks/gpu_check_report.py pytest RESULTS JUNIT_XML LOG [STEP]  # a test summary line (failures listed)
     python benchmarks/gpu_check_report.py table RESULTS                   # the short table printed at the end
 
 Only the standard library at import (the env command imports torch): it must work when torch is broken.
@@ -58,9 +58,9 @@ def env(results: str, pairs: list[str]) -> None:
     append(results, record)
 
 
-def pytest_summary(results: str, junit: str, log: str) -> None:
+def pytest_summary(results: str, junit: str, log: str, step: str = "cuda_tests_summary") -> None:
     """Counts and the failed/errored test ids: from the JUnit XML, or from the log when pytest was cut short."""
-    record: dict = {"step": "cuda_tests_summary"}
+    record: dict = {"step": step}
     path = Path(junit)
     if path.exists():
         root = ET.parse(path).getroot()
@@ -91,9 +91,9 @@ def table(results: str) -> None:
             cells = [r.get("step"), r["status"], r.get("rc", ""), r.get("seconds", ""), r.get("allotted", "")]
             print("| " + " | ".join(map(str, cells)) + " |")
     for r in rows:
-        if r.get("step") == "cuda_tests_summary":
+        if str(r.get("step")).endswith("tests_summary"):
             counts = {k: r[k] for k in ("passed", "failures", "errors", "skipped") if k in r} or r.get("summary")
-            print(f"\n== CUDA tests: {counts}")
+            print(f"\n== {r['step']}: {counts}")
             for name in r.get("failed_tests", [])[:40]:
                 print(f"  FAILED {name}")
     print("\n== benchmarks (ratio = ms / ms of the same run's baseline; < 1 is faster)")

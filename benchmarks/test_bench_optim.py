@@ -2,7 +2,8 @@
 
 Baselines: torch's fused optimizer (`fused=True`, CPU and CUDA) and its foreach one, each after one
 torch._foreach_mul_ of the dense float masks. `unet686x16` (the SD-UNet's 686 tensors, 16 elements each) measures
-host overhead. For GB/s as % of copy bandwidth, ratios and mask memory see optim_table.py.
+host overhead. For GB/s as % of copy bandwidth, ratios and mask memory see optim_table.py; compact vs dense
+state (bytes, step time): compact_state.py.
 """
 
 from __future__ import annotations
@@ -61,3 +62,15 @@ def test_optim_cpu(benchmark, spec, density, algo, method):
 @pytest.mark.parametrize("spec", ["unet686x16", "resnet18_cifar", "sd15_unet"])
 def test_optim_cuda(benchmark, spec, density, algo, method):
     _bench(benchmark, spec, density, algo, method, "cuda")
+
+
+@pytest.mark.parametrize("state", ["dense", "compact"])
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5])
+def test_compact_state_cpu(benchmark, density, algo, state):
+    """Masked steps with state="compact" vs "dense" (strict mode); state bytes: compact_state.py."""
+    from benchmarks.compact_state import make_optimizer
+
+    params, mask = make_problem(list_shapes("resnet18_cifar"), density, "cpu")
+    benchmark.extra_info.update(list="resnet18_cifar", density=density, state=state)
+    benchmark.pedantic(make_optimizer(algo, params, mask, state).step, rounds=10, warmup_rounds=3)

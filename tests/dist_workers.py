@@ -334,6 +334,8 @@ def check_fsdp_masked_steps(rank, world, ctx):
         (MaskedAdam, dict(lr=0.01, amsgrad=True)),
         (MaskedAdamW, dict(lr=0.01, weight_decay=0.1)),
         (MaskedAdamW, dict(lr=0.01, mode="compat")),
+        (MaskedSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, state="compact")),  # each rank packs its shard
+        (MaskedAdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True, state="compact")),
     ]
     for cls, kwargs in setups:
         reference = _mlp()
@@ -366,6 +368,36 @@ def check_fsdp_masked_steps(rank, world, ctx):
                 if kwargs.get("mode") != "compat":
                     frozen = ~mask.dense(name)
                     assert torch.equal(full[frozen], initial[name][frozen]), f"{name}: a non-salient weight moved"
+        if kwargs.get("state") == "compact":
+            _compact_resume_check(cls, kwargs, model, local, opt2, reference, opt, data[0])
+
+
+def _compact_resume_check(cls, kwargs, model, local, opt, reference, reference_opt, x):
+    """FSDP2 + state="compact": every state tensor is a plain local tensor packed from the rank's shard; a fresh
+    optimizer that loads opt.state_dict() takes the next step exactly as the single-process optimizer."""
+    import copy
+
+    from salun_ext.distributed.shards import to_local
+
+    packed = []  # (salient entries, shard size) of every parameter with state on this rank
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            if key in opt.state[p]:
+                value = opt.state[p][key]
+                assert not hasattr(value, "placements") and value.shape == (local.count(name),), (name, key)
+                packed.append((local.count(name), to_local(p).numel()))
+    # a real packing: on some rank some shard's mask is partial (with 4 ranks a rank's shards may all be empty)
+    partial = torch.tensor([int(any(0 < count < numel for count, numel in packed))])
+    dist.all_reduce(partial, op=dist.ReduceOp.MAX)
+    assert partial.item() == 1, packed
+    resumed = cls(model.named_parameters(), mask=local, **kwargs)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for net, o in ((model, resumed), (reference, reference_opt)):
+        net(x).pow(2).sum().backward()
+        o.step()
+        o.zero_grad()
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(a.detach(), b.full_tensor()), f"resumed compact {cls.__name__} {name}"
 
 
 def check_mask_files(rank, world, ctx):

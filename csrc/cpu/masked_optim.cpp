@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -20,6 +21,10 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // the AVX-512 expand / compress of compact state (used inside its target region only)
+#endif
 
 #include "salun_ext/mask_layout.h"
 #include "salun_ext/optim_checks.h"
@@ -35,15 +40,42 @@ struct Work {
   int64_t tensor;
   int64_t begin;
   int64_t end;
+  int64_t packed;  // compact steps: the packed state index of the item's first salient entry (else unused)
 };
 
 std::vector<Work> make_work(at::TensorList params) {
   std::vector<Work> work;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk) work.push_back(Work{static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    for (int64_t b = 0; b < n; b += kChunk) {
+      work.push_back(Work{static_cast<int64_t>(i), b, std::min(n, b + kChunk), 0});
+    }
   }
   return work;
+}
+
+// The salient count of each tensor (its compact state's length) and, per work item, the prefix count of mask bits
+// before it (w.packed), so every item updates its own packed range independently. One popcount per mask word.
+std::vector<int64_t> count_packed(at::TensorList params, at::TensorList mask_words, std::vector<Work>& work) {
+  std::vector<int64_t> counts(params.size(), 0);
+  for (Work& w : work) {
+    const int64_t i = w.tensor;
+    w.packed = counts[i];
+    if (mask_words[i].numel() == 0) {
+      counts[i] += w.end - w.begin;
+      continue;
+    }
+    const int32_t* words = mask_words[i].const_data_ptr<int32_t>();
+    int64_t c = 0;
+    for (int64_t base = w.begin; base < w.end; base += kBitsPerWord) {
+      uint32_t bits = static_cast<uint32_t>(words[base / kBitsPerWord]);
+      const int64_t n = std::min<int64_t>(kBitsPerWord, w.end - base);
+      if (n < kBitsPerWord) bits &= (1u << n) - 1u;  // padding bits past numel never count
+      c += std::popcount(bits);
+    }
+    counts[i] += c;
+  }
+  return counts;
 }
 
 float read_scalar(const std::optional<at::Tensor>& t) { return t->to(at::kCPU).to(at::kFloat).item<float>(); }
@@ -99,16 +131,22 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
+#define SALUN_EXT_EXPAND_COMPRESS 1  // compact steps stage fp32 salient entries with AVX-512 compress / expand
 namespace isa_avx512 {
 #include "masked_optim_kernels.inc"
 }  // namespace isa_avx512
+#undef SALUN_EXT_EXPAND_COMPRESS
 #pragma GCC pop_options
 #endif
 
 struct StepLoops {
   decltype(&isa_default::sgd_work) sgd;
   decltype(&isa_default::adam_work) adam;
+  decltype(&isa_default::sgd_compact_work) sgd_compact;
+  decltype(&isa_default::adam_compact_work) adam_compact;
 };
+
+#define SALUN_EXT_LOOPS(ns) {&ns::sgd_work, &ns::adam_work, &ns::sgd_compact_work, &ns::adam_compact_work}
 
 StepLoops pick_loops() {
   const char* forced = std::getenv("SALUN_EXT_CPU_ISA");
@@ -120,10 +158,10 @@ StepLoops pick_loops() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   const bool avx2 = __builtin_cpu_supports("avx2");
-  if ((want.empty() || want == "avx512") && avx512) return {&isa_avx512::sgd_work, &isa_avx512::adam_work};
-  if ((want.empty() || want == "avx2" || want == "avx512") && avx2) return {&isa_avx2::sgd_work, &isa_avx2::adam_work};
+  if ((want.empty() || want == "avx512") && avx512) return SALUN_EXT_LOOPS(isa_avx512);
+  if ((want.empty() || want == "avx2" || want == "avx512") && avx2) return SALUN_EXT_LOOPS(isa_avx2);
 #endif
-  return {&isa_default::sgd_work, &isa_default::adam_work};
+  return SALUN_EXT_LOOPS(isa_default);
 }
 
 const StepLoops& step_loops() {
@@ -131,14 +169,9 @@ const StepLoops& step_loops() {
   return loops;
 }
 
-void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
-                    double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* op = "masked_sgd_";
-  const bool has_momentum = momentum != 0.0;
-  check_sgd_lists(op, params, grads, momentum_buffers, mask_words, has_momentum);
-  if (params.empty() || step_skipped(found_inf)) return;
+SgdScalars sgd_scalars(double lr, const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                       double weight_decay, bool nesterov, bool maximize, bool first_step,
+                       const std::optional<at::Tensor>& grad_scale) {
   SgdScalars s{};
   s.lr = static_cast<float>(lr_tensor.has_value() ? static_cast<double>(read_scalar(lr_tensor)) : lr);
   s.momentum = static_cast<float>(momentum);
@@ -146,43 +179,73 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   s.weight_decay = static_cast<float>(weight_decay);
   s.has_grad_scale = grad_scale.has_value();
   s.grad_scale = s.has_grad_scale ? read_scalar(grad_scale) : 1.0f;
-  s.has_momentum = has_momentum;
+  s.has_momentum = momentum != 0.0;
   s.nesterov = nesterov;
   s.maximize = maximize;
   s.first_step = first_step;
+  return s;
+}
 
-  const std::vector<Work> work = make_work(params);
+// masked_sgd_ (dense state) or masked_sgd_compact_ (packed momentum buffers): the same scalars and work split.
+void masked_sgd_impl(bool compact, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                     double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const char* op = compact ? "masked_sgd_compact_" : "masked_sgd_";
+  const bool has_momentum = momentum != 0.0;
+  std::vector<Work> work;
+  if (compact) {
+    check_step_params(op, params, mask_words);
+    work = make_work(params);
+    const std::vector<int64_t> counts = count_packed(params, mask_words, work);
+    check_sgd_compact_lists(op, params, grads, momentum_buffers, has_momentum, counts.data());
+  } else {
+    check_sgd_lists(op, params, grads, momentum_buffers, mask_words, has_momentum);
+    work = make_work(params);
+  }
+  if (params.empty() || step_skipped(found_inf)) return;
+  const SgdScalars s =
+      sgd_scalars(lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale);
   const StepLoops& loops = step_loops();
+  const auto loop = compact ? loops.sgd_compact : loops.sgd;
   at::parallel_for(0, static_cast<int64_t>(work.size()), work_grain(work), [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Work& w = work[k];
       const at::Tensor& p = params[w.tensor];
       const int32_t* words = mask_words[w.tensor].numel() ? mask_words[w.tensor].data_ptr<int32_t>() : nullptr;
-      loops.sgd(p.scalar_type(), w, p.data_ptr(), grads[w.tensor].data_ptr(),
-                has_momentum ? momentum_buffers[w.tensor].data_ptr() : nullptr, words, s);
+      loop(p.scalar_type(), w, p.data_ptr(), grads[w.tensor].data_ptr(),
+           has_momentum ? momentum_buffers[w.tensor].data_ptr() : nullptr, words, s);
     }
   });
 }
 
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  masked_sgd_impl(false, params, grads, momentum_buffers, mask_words, lr, lr_tensor, momentum, dampening,
+                  weight_decay, nesterov, maximize, first_step, grad_scale, found_inf);
+}
 
-void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::TensorList mask_words, double lr,
-                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-                     double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* op = "masked_adam_";
-  check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad);
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    TORCH_CHECK(state_steps[i].numel() == 1, "salun_ext: ", op, ": state_steps[", i, "] must hold one value");
-  }
-  if (params.empty() || step_skipped(found_inf)) return;
+void masked_sgd_compact_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor,
+                            double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                            bool first_step, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  masked_sgd_impl(true, params, grads, momentum_buffers, mask_words, lr, lr_tensor, momentum, dampening,
+                  weight_decay, nesterov, maximize, first_step, grad_scale, found_inf);
+}
+
+// Per-tensor scalars (the step count may differ between tensors), derived in double as the reference does.
+std::vector<AdamScalars> adam_scalars(at::TensorList state_steps, double lr,
+                                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                                      double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                                      bool maximize, const std::optional<at::Tensor>& grad_scale) {
   const double lr_value = lr_tensor.has_value() ? static_cast<double>(read_scalar(lr_tensor)) : lr;
   const bool has_grad_scale = grad_scale.has_value();
   const float grad_scale_value = has_grad_scale ? read_scalar(grad_scale) : 1.0f;
-
-  // Per-tensor scalars (the step count may differ between tensors), derived in double as the reference does.
-  std::vector<AdamScalars> scalars(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
+  std::vector<AdamScalars> scalars(state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
     const double step = read_step(state_steps[i]);
     AdamScalars& s = scalars[i];
     s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
@@ -199,19 +262,67 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     s.amsgrad = amsgrad;
     s.maximize = maximize;
   }
+  return scalars;
+}
 
-  const std::vector<Work> work = make_work(params);
+// masked_adam_ (dense state) or masked_adam_compact_ (packed moments): the same scalars and work split.
+void masked_adam_impl(bool compact, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                      at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+                      bool maximize, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  const char* op = compact ? "masked_adam_compact_" : "masked_adam_";
+  std::vector<Work> work;
+  if (compact) {
+    check_step_params(op, params, mask_words);
+    work = make_work(params);
+    const std::vector<int64_t> counts = count_packed(params, mask_words, work);
+    check_adam_compact_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
+                             counts.data());
+  } else {
+    check_adam_lists(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad);
+    work = make_work(params);
+  }
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    TORCH_CHECK(state_steps[i].numel() == 1, "salun_ext: ", op, ": state_steps[", i, "] must hold one value");
+  }
+  if (params.empty() || step_skipped(found_inf)) return;
+  const std::vector<AdamScalars> scalars = adam_scalars(state_steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+                                                        decoupled_weight_decay, amsgrad, maximize, grad_scale);
   const StepLoops& loops = step_loops();
+  const auto loop = compact ? loops.adam_compact : loops.adam;
   at::parallel_for(0, static_cast<int64_t>(work.size()), work_grain(work), [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Work& w = work[k];
       const int64_t i = w.tensor;
       const at::Tensor& p = params[i];
       const int32_t* words = mask_words[i].numel() ? mask_words[i].data_ptr<int32_t>() : nullptr;
-      loops.adam(p.scalar_type(), w, p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                 exp_avg_sqs[i].data_ptr(), amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr, words, scalars[i]);
+      loop(p.scalar_type(), w, p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+           amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr, words, scalars[i]);
     }
   });
+}
+
+void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::TensorList mask_words, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                     double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  masked_adam_impl(false, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, lr,
+                   lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale,
+                   found_inf);
+}
+
+void masked_adam_compact_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                             at::TensorList mask_words, double lr, const std::optional<at::Tensor>& lr_tensor,
+                             double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                             bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  masked_adam_impl(true, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, lr,
+                   lr_tensor, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale,
+                   found_inf);
 }
 
 }  // namespace
@@ -219,6 +330,8 @@ void masked_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 TORCH_LIBRARY_IMPL(salun_ext, CPU, m) {
   m.impl("masked_sgd_", &masked_sgd_cpu);
   m.impl("masked_adam_", &masked_adam_cpu);
+  m.impl("masked_sgd_compact_", &masked_sgd_compact_cpu);
+  m.impl("masked_adam_compact_", &masked_adam_compact_cpu);
 }
 
 }  // namespace salun_ext

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "salun_ext/key.h"
+#include "salun_ext/sample_index.h"
 #include "salun_ext/tensor_list.h"
 
 namespace salun_ext {
@@ -241,7 +242,7 @@ at::Tensor sample_keys_cpu(const std::vector<at::Tensor>& grads, int64_t num_sam
   size_t t = 0;
   int64_t start = 0;  // global index of tensor t's first element
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t index = i * total / count;  // increasing in i: walk the tensors once
+    const int64_t index = sample_index(i, total, count);  // increasing in i: walk the tensors once
     while (index >= start + info.numel[t]) start += info.numel[t++];
     with_key_reader(grads[t], info.dtype[t], nan_as_zero,
                     [&](auto key_of) { dst[i] = static_cast<int32_t>(key_of(index - start)); });

@@ -1,7 +1,9 @@
 // Multi-tensor tables for the CUDA kernels: a list of tensors walked as fixed-size chunks in global index order
 // (tensor order, then flat index), with no concatenation. The host builds one TensorMeta per non-empty tensor and
 // uploads the table once per op call (pinned memory, async on the current stream); each block then walks chunks
-// with a grid-stride loop and finds a chunk's tensor by binary search over chunk_begin.
+// with a grid-stride loop and finds a chunk's tensor by binary search over chunk_begin. An upload cannot be part
+// of a CUDA graph (the graph would copy from the freed pinned buffer on every replay): upload_table refuses to run
+// while the current stream is capturing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,7 +40,23 @@ struct DeviceTable {
   int64_t total_chunks = 0;
 };
 
-inline DeviceTable upload_table(const std::vector<at::Tensor>& tensors, const TensorListInfo& info, int64_t chunk) {
+// Whether `stream` is capturing a CUDA graph right now.
+inline bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Refuses an op that uploads host data while the current stream captures a graph (`op` names it in the error).
+inline void check_not_capturing(const char* op) {
+  TORCH_CHECK(!stream_is_capturing(c10::cuda::getCurrentCUDAStream()), "salun_ext: ", op,
+              " cannot run inside a CUDA graph capture: it uploads a table of tensor pointers from a temporary host "
+              "buffer, which every replay of the graph would read again after it is freed; call it outside the "
+              "capture");
+}
+
+inline DeviceTable upload_table(const std::vector<at::Tensor>& tensors, const TensorListInfo& info, int64_t chunk,
+                                const char* op) {
   std::vector<TensorMeta> metas;
   int64_t chunks = 0;
   int64_t elements = 0;
@@ -55,6 +73,7 @@ inline DeviceTable upload_table(const std::vector<at::Tensor>& tensors, const Te
   table.num_tensors = static_cast<int>(metas.size());
   table.total_chunks = chunks;
   if (metas.empty()) return table;
+  check_not_capturing(op);
   const int64_t bytes = static_cast<int64_t>(metas.size() * sizeof(TensorMeta));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), metas.data(), bytes);

@@ -25,6 +25,7 @@
 
 #include "multi_tensor.cuh"
 #include "salun_ext/key.h"
+#include "salun_ext/sample_index.h"
 #include "salun_ext/tensor_list.h"
 
 namespace salun_ext {
@@ -149,7 +150,7 @@ at::Tensor key_histogram_cuda(const std::vector<at::Tensor>& grads, int64_t low_
   const int rows = static_cast<int>(prefixes.size());
   const int bins = 1 << num_bits;
   at::Tensor out = at::zeros({rows, bins}, grads.front().options().dtype(at::kLong));
-  const DeviceTable table = upload_table(grads, info, kChunk);
+  const DeviceTable table = upload_table(grads, info, kChunk, "key_histogram");
   if (table.total_chunks == 0) return out;
 
   at::Tensor host_prefixes = at::empty({rows}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
@@ -299,7 +300,7 @@ at::Tensor mask_words_cuda(const std::vector<at::Tensor>& grads, int64_t thresho
                   "expected a 31-bit key in [0, 0x7FFFFFFF], got ", threshold_key);
   const c10::cuda::CUDAGuard guard(grads.front().device());
   at::Tensor out = at::zeros({info.total_words}, grads.front().options().dtype(at::kInt));
-  const DeviceTable table = upload_table(grads, info, kChunk);
+  const DeviceTable table = upload_table(grads, info, kChunk, "mask_words");
   if (table.total_chunks == 0) return out;
   const int device = grads.front().device().index();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -337,7 +338,7 @@ __global__ void sample_keys_kernel(const TensorMeta* __restrict__ metas, int num
                                    int64_t count, bool nan_as_zero, int32_t* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t index = i * total / count;
+    const int64_t index = sample_index(i, total, count);
     const TensorMeta m = metas[find_tensor_of_element(metas, num_tensors, index)];
     out[i] = static_cast<int32_t>(key_at(m, index - m.elem_begin, nan_as_zero));
   }
@@ -349,7 +350,7 @@ at::Tensor sample_keys_cuda(const std::vector<at::Tensor>& grads, int64_t num_sa
   const c10::cuda::CUDAGuard guard(grads.front().device());
   const int64_t count = std::min(num_samples, info.total_elements);
   at::Tensor out = at::empty({count}, grads.front().options().dtype(at::kInt));
-  const DeviceTable table = upload_table(grads, info, kChunk);
+  const DeviceTable table = upload_table(grads, info, kChunk, "sample_keys");
   if (count == 0) return out;
   const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
   sample_keys_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -481,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cuda(co
   at::Tensor counts = at::zeros({3}, options.dtype(at::kLong));
   at::Tensor cand_keys = at::zeros({capacity}, options.dtype(at::kInt));
   at::Tensor cand_pos = at::zeros({capacity}, options.dtype(at::kLong));
-  const DeviceTable table = upload_table(grads, info, kChunk);
+  const DeviceTable table = upload_table(grads, info, kChunk, "window_select");
   if (table.total_chunks == 0) return {words, counts, cand_keys, cand_pos};
   const int grid = grid_size(reinterpret_cast<const void*>(&window_select_kernel), grads.front().device().index(), 0,
                              table.total_chunks);

@@ -39,17 +39,7 @@ def register(sub) -> None:
         default="cache",
         help="KL retain: the reference's log-probs cached up front (CPU memory) or a frozen model copy (device)",
     )
-    un.add_argument("--rmu-layer", type=int, default=7, help="RMU: decoder layer whose output is steered (7)")
-    un.add_argument("--rmu-coeff", type=float, default=6.5, help="RMU: steering coefficient c (6.5)")
-    un.add_argument(
-        "--rmu-params", default=None, help="RMU: regex of the trained parameters (default layers l-2..l down_proj)"
-    )
-    un.add_argument(
-        "--saliency-loss",
-        choices=["nll", "method"],
-        default="nll",
-        help="SalUn mask from the forget NLL (default) or from the method's own forget loss",
-    )
+    _method_args(un)
     un.add_argument("--forget-weight", type=float, default=1.0, help="gamma: weight of the forget loss (1)")
     un.add_argument("--retain-weight", type=float, default=1.0, help="alpha: weight of the retain NLL (1; 0 = none)")
     un.add_argument("--lr", type=float, default=1e-5)
@@ -92,6 +82,28 @@ def register(sub) -> None:
     ev.add_argument("--knowmem-tokens", type=int, default=32, help="MUSE: tokens of a knowmem answer")
     ev.add_argument("--min-k", type=float, default=0.4, help="MUSE privleak: Min-K%% fraction (0.4)")
     ev.set_defaults(handler=run_evaluate)
+
+
+def _method_args(un: argparse.ArgumentParser) -> None:
+    """RMU's, the optimizer state's and the mask loss's flags of `lm unlearn`."""
+    un.add_argument("--rmu-layer", type=int, default=7, help="RMU: decoder layer whose output is steered (7)")
+    un.add_argument("--rmu-coeff", type=float, default=6.5, help="RMU: steering coefficient c (6.5)")
+    un.add_argument(
+        "--rmu-params", default=None, help="RMU: regex of the trained parameters (default layers l-2..l down_proj)"
+    )
+    un.add_argument(
+        "--optimizer-state",
+        choices=["dense", "compact"],
+        default="dense",
+        help="compact: AdamW moments for the salient entries only (at mask ratio 0.1, 10%% of the dense state; "
+        "the same trajectory bit for bit)",
+    )
+    un.add_argument(
+        "--saliency-loss",
+        choices=["nll", "method"],
+        default="nll",
+        help="SalUn mask from the forget NLL (default) or from the method's own forget loss",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser, *, forget_required: bool = True) -> None:
@@ -177,6 +189,7 @@ def _config(args):
         rmu_layer=args.rmu_layer,
         rmu_coeff=args.rmu_coeff,
         rmu_params=args.rmu_params,
+        optimizer_state=args.optimizer_state,
     )
 
 

@@ -57,6 +57,8 @@ def restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
     """After load_state_dict of a local optimizer state: wrap shard-shaped state tensors as the params' DTensors."""
     from torch.distributed.tensor import DTensor
 
+    if getattr(optimizer, "state_layout", "dense") == "compact":  # packed local state: never shard-shaped DTensors
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not is_dtensor(p) or p not in optimizer.state:

@@ -35,7 +35,8 @@ class SalUnTrainer(Trainer):
     forget_dataset: examples of the data to forget (the mask's source) in the train dataset's format; not needed
         when `mask` is given. mask: a SaliencyMask over the model's parameter names (e.g. SaliencyMask.load(...)).
     mask_ratio: the salient fraction when the mask is computed here. saliency_batches: use only the first N
-        batches of the forget set for the mask. ascent: minimise -loss (gradient ascent).
+        batches of the forget set for the mask. ascent: minimise -loss (gradient ascent). optimizer_state: "compact"
+    keeps AdamW's moments for the salient entries only (salun_ext.optim; the same trajectory bit for bit).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class SalUnTrainer(Trainer):
         mask_ratio: float = 0.5,
         saliency_batches: int | None = None,
         ascent: bool = False,
+        optimizer_state: str = "dense",
         **kwargs: Any,
     ) -> None:
         if mask is None and forget_dataset is None:
@@ -54,7 +56,9 @@ class SalUnTrainer(Trainer):
             raise UsageError(f"mask_ratio: expected a fraction in (0, 1], got {mask_ratio}")
         super().__init__(*args, **kwargs)
         self.forget_dataset, self.mask, self.mask_ratio = forget_dataset, mask, mask_ratio
-        self.saliency_batches, self.ascent = saliency_batches, ascent
+        if optimizer_state not in ("dense", "compact"):
+            raise UsageError(f"optimizer_state: expected 'dense' or 'compact', got {optimizer_state!r}")
+        self.saliency_batches, self.ascent, self.optimizer_state = saliency_batches, ascent, optimizer_state
 
     def saliency_mask(self) -> SaliencyMask:
         """SalUn's mask of the forget set: the gradient of the model's own loss, summed, ranked globally."""
@@ -88,6 +92,7 @@ class SalUnTrainer(Trainer):
                 eps=self.args.adam_epsilon,
                 mask=self.mask,
                 unmasked="freeze",
+                state=self.optimizer_state,
             )
         return self.optimizer
 

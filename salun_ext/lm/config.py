@@ -11,6 +11,7 @@ from salun_ext.utils.errors import UsageError
 RETAIN_LOSSES = ("nll", "kl")
 KL_REFERENCES = ("cache", "copy")
 SALIENCY_LOSSES = ("nll", "method")
+OPTIMIZER_STATES = ("dense", "compact")
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class LMUnlearnConfig:
     rmu_layer: int = 7  # RMU: the decoder layer whose output is steered
     rmu_coeff: float = 6.5  # RMU: steering coefficient c (forget activations -> c * u)
     rmu_params: str | None = None  # RMU: regex of the trained parameters (None: layers l-2..l mlp.down_proj)
+    optimizer_state: str = "dense"  # "compact": AdamW moments of the salient entries only (needs the mask)
 
     def __post_init__(self) -> None:
         self.method = METHODS.key(self.method)
@@ -52,6 +54,7 @@ class LMUnlearnConfig:
             ("retain_loss", RETAIN_LOSSES),
             ("kl_reference", KL_REFERENCES),
             ("saliency_loss", SALIENCY_LOSSES),
+            ("optimizer_state", OPTIMIZER_STATES),
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -62,7 +65,7 @@ class LMUnlearnConfig:
         return TrainRecipe(
             epochs=self.epochs,
             max_steps=self.max_steps,
-            optimizer=OptimConfig("adamw", lr=self.lr, weight_decay=self.weight_decay),
+            optimizer=OptimConfig("adamw", lr=self.lr, weight_decay=self.weight_decay, state=self.optimizer_state),
             schedule="constant",
             schedule_unit="step",
             warmup_steps=self.warmup_steps,

@@ -26,6 +26,7 @@ from salun_ext.lm.methods import METHODS
 from salun_ext.lm.tasks import LMUnlearnTask
 from salun_ext.mask import SaliencyMask
 from salun_ext.train import FitResult, RunOptions, fit
+from salun_ext.utils.errors import UsageError
 
 __all__ = ["LMUnlearnConfig", "LMUnlearnResult", "lm_saliency", "unlearn_lm"]
 
@@ -158,6 +159,9 @@ def unlearn_lm(
     import time
 
     cfg, options = config, options or RunOptions()
+    if cfg.optimizer_state == "compact" and mask is None and cfg.mask_ratio is None:
+        raise UsageError("optimizer_state (--optimizer-state): 'compact' keeps state for the salient entries only, "
+                         "so it needs a mask (mask_ratio or a mask file); got neither")  # fmt: skip
     amp = options.amp or "none"
     pad = tokenizer.pad_token_id
     forget_ids, retain_ids, method = _prepare(tokenizer, forget, retain, cfg, options.seed)

@@ -30,11 +30,15 @@ STATUS = _native.STATUS
 op_names = _schemas.op_names
 has_kernel = _native.has_kernel
 Tensors = Sequence[torch.Tensor]
+# The CUDA key_histogram keeps the prefixes in shared memory: at most this many per call (a caller with more splits
+# them into several calls; the CPU kernel and the reference take any number).
+MAX_HISTOGRAM_PREFIXES = 64
 
 __all__ = [
     "INF_KEY",
     "KEY_BITS",
     "KEY_DTYPES",
+    "MAX_HISTOGRAM_PREFIXES",
     "NAN_KEY",
     "STATUS",
     "NativeStatus",
@@ -43,7 +47,9 @@ __all__ = [
     "keys",
     "mask_words",
     "masked_adam_",
+    "masked_adam_compact_",
     "masked_sgd_",
+    "masked_sgd_compact_",
     "op_names",
     "pack_bits",
     "popcount",
@@ -61,7 +67,8 @@ def key_histogram(
     """Histogram of one key digit over the whole list: int64 [len(prefixes), 2**num_bits].
 
     Row r counts, for each digit value d, the elements whose key has `(key >> low_bit) & (2**num_bits - 1) == d`
-    and whose higher digits `key >> (low_bit + num_bits)` equal `prefixes[r]` (strictly increasing).
+    and whose higher digits `key >> (low_bit + num_bits)` equal `prefixes[r]` (strictly increasing). On CUDA at most
+    MAX_HISTOGRAM_PREFIXES prefixes per call.
     """
     return torch.ops.salun_ext.key_histogram(list(grads), low_bit, num_bits, list(prefixes), nan_as_zero)
 
@@ -162,6 +169,90 @@ def masked_adam_(
     params and of every state tensor keep their exact bits.
     """
     torch.ops.salun_ext.masked_adam_(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(max_exp_avg_sqs),
+        list(state_steps),
+        list(mask_words),
+        lr,
+        lr_tensor,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        amsgrad,
+        maximize,
+        grad_scale,
+        found_inf,
+    )
+
+
+def masked_sgd_compact_(
+    params: Tensors,
+    grads: Tensors,
+    momentum_buffers: Tensors,
+    mask_words: Tensors,
+    *,
+    lr: float,
+    lr_tensor: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """`masked_sgd_` with compact momentum buffers: momentum_buffers[i] is 1-D and holds only the salient entries
+    of params[i], in flat element order (one per set mask bit; params[i].numel() when its mask words are empty).
+    Every salient entry gets exactly the update `masked_sgd_` gives it."""
+    torch.ops.salun_ext.masked_sgd_compact_(
+        list(params),
+        list(grads),
+        list(momentum_buffers),
+        list(mask_words),
+        lr,
+        lr_tensor,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+        first_step,
+        grad_scale,
+        found_inf,
+    )
+
+
+def masked_adam_compact_(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Tensors,
+    state_steps: Tensors,
+    mask_words: Tensors,
+    *,
+    lr: float,
+    lr_tensor: torch.Tensor | None = None,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """`masked_adam_` with compact moments: exp_avgs[i], exp_avg_sqs[i] (and max_exp_avg_sqs[i]) are 1-D and hold
+    only the salient entries of params[i], in flat element order (one per set mask bit; params[i].numel() when its
+    mask words are empty). Every salient entry gets exactly the update `masked_adam_` gives it."""
+    torch.ops.salun_ext.masked_adam_compact_(
         list(params),
         list(grads),
         list(exp_avgs),

@@ -109,10 +109,23 @@ def mask_words(grads: list[torch.Tensor], threshold_key: int, tie_limit: int, na
     return out
 
 
-def sample_indices(total: int, num_samples: int, device) -> torch.Tensor:
-    """Global indices floor(i * total / num_samples) of the strided sample (all indices when it covers everything)."""
+def sample_indices(total: int, num_samples: int, device, block: int | None = None) -> torch.Tensor:
+    """Global indices floor(i * total / num_samples) of the strided sample (all indices when it covers everything).
+
+    Exact without a 128-bit product (the kernels use one): with total = q * count + r, the index is i * q +
+    floor(i * r / count), and i * r is split into blocks of i (a Python-int base plus an int64 offset) so that no
+    int64 product overflows, whatever count * total is (`block`: the block length; by default the largest safe).
+    """
     count = min(num_samples, total)
-    return torch.arange(count, dtype=torch.int64, device=device) * total // count
+    q, r = divmod(total, count)
+    if block is None:
+        block = max(1, 2**62 // count)  # base remainder + j * r < (block + 1) * count <= 2**62 + count
+    parts = []
+    for start in range(0, count, block):
+        j = torch.arange(min(block, count - start), dtype=torch.int64, device=device)
+        base_q, base_r = divmod(start * r, count)
+        parts.append((start + j) * q + base_q + (base_r + j * r) // count)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @reference("sample_keys")
@@ -177,7 +190,8 @@ def window_select(
 # Masked optimizer steps
 
 
-def _check_step_lists(name: str, params: list[torch.Tensor], **lists: list[torch.Tensor]) -> None:
+def _check_step_lists(name: str, params: list[torch.Tensor], packed: tuple[str, ...] = (), **lists) -> None:
+    """The step ops' list checks; the lists named in `packed` hold compact state (one entry per salient element)."""
     for i, p in enumerate(params):
         if p.dtype not in KEY_DTYPES:
             raise RuntimeError(
@@ -192,46 +206,94 @@ def _check_step_lists(name: str, params: list[torch.Tensor], **lists: list[torch
             raise RuntimeError(
                 f"salun_ext: {name}: argument '{list_name}' has {len(values)} tensors, expected {len(params)}"
             )
+    words = lists["mask_words"]
     for i, p in enumerate(params):
+        expected = _mask_layout.segment_words(p.numel())
+        if words[i].numel() not in (0, expected) or words[i].dtype != torch.int32:
+            raise RuntimeError(
+                f"salun_ext: {name}: mask_words[{i}] must be int32 with 0 or {expected} words, "
+                f"got {words[i].dtype} with {words[i].numel()}"
+            )
         for list_name, values in lists.items():
             t = values[i]
-            if list_name == "mask_words":
-                expected = _mask_layout.segment_words(p.numel())
-                if t.numel() not in (0, expected) or t.dtype != torch.int32:
-                    raise RuntimeError(
-                        f"salun_ext: {name}: mask_words[{i}] must be int32 with 0 or {expected} words, "
-                        f"got {t.dtype} with {t.numel()}"
-                    )
-            elif list_name == "state_steps":
+            if list_name == "state_steps":
                 if t.numel() != 1:
                     raise RuntimeError(f"salun_ext: {name}: state_steps[{i}] must hold one value")
                 continue
-            else:
+            if list_name in packed:
+                count = salient_count(p, words[i])
+                if t.shape != (count,):
+                    raise RuntimeError(
+                        f"salun_ext: {name}: {list_name}[{i}] has shape {tuple(t.shape)}, expected ({count},) (one "
+                        f"entry per salient element of params[{i}])"
+                    )
+                _check_like_param(name, list_name, i, t, p)
+            elif list_name != "mask_words":
                 if t.shape != p.shape:
                     raise RuntimeError(
                         f"salun_ext: {name}: {list_name}[{i}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
                     )
-                if t.dtype != p.dtype:
-                    raise RuntimeError(
-                        f"salun_ext: {name}: {list_name}[{i}] has dtype {t.dtype}, expected {p.dtype} (the parameter's)"
-                    )
-                if not t.is_contiguous():
-                    raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] must be contiguous")
+                _check_like_param(name, list_name, i, t, p)
             if t.device != p.device:
                 raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] is on {t.device}, expected {p.device}")
 
 
-def _salient(p: torch.Tensor, words: torch.Tensor) -> torch.Tensor | None:
-    """Dense bool mask of p (None = every entry salient)."""
-    if words.numel() == 0:
-        return None
-    return _mask_layout.unpack_bits(words, p.numel()).view(p.shape)
+def _check_like_param(name: str, list_name: str, i: int, t: torch.Tensor, p: torch.Tensor) -> None:
+    if t.dtype != p.dtype:
+        raise RuntimeError(
+            f"salun_ext: {name}: {list_name}[{i}] has dtype {t.dtype}, expected {p.dtype} (the parameter's)"
+        )
+    if not t.is_contiguous():
+        raise RuntimeError(f"salun_ext: {name}: {list_name}[{i}] must be contiguous")
 
 
-def _commit(target: torch.Tensor, new_fp32: torch.Tensor, salient: torch.Tensor | None) -> None:
-    """Write the fp32 result into target where salient; elsewhere target keeps its exact bits."""
-    new = new_fp32.to(target.dtype)
-    target.copy_(new if salient is None else torch.where(salient, new, target))
+def salient_count(p: torch.Tensor, words: torch.Tensor) -> int:
+    """The number of salient entries of p: the length of its compact state (every entry when words is empty)."""
+    return p.numel() if words.numel() == 0 else int(_mask_layout.unpack_bits(words, p.numel()).sum())
+
+
+class _Entries:
+    """The salient entries of one parameter under dense state: parameter-shaped tensors are read whole (fp32) and
+    written where salient; every other entry keeps its exact bits. State tensors are parameter-shaped too."""
+
+    def __init__(self, p: torch.Tensor, words: torch.Tensor) -> None:
+        self.p = p
+        self.salient = None if words.numel() == 0 else _mask_layout.unpack_bits(words, p.numel()).view(p.shape)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """A parameter-shaped tensor (the parameter, its gradient) as the fp32 values the update reads."""
+        return t.float()
+
+    def commit(self, target: torch.Tensor, new_fp32: torch.Tensor) -> None:
+        """Write fp32 results into a parameter-shaped target where salient; elsewhere it keeps its exact bits."""
+        new = new_fp32.to(target.dtype)
+        target.copy_(new if self.salient is None else torch.where(self.salient, new, target))
+
+    def commit_state(self, state: torch.Tensor, new_fp32: torch.Tensor) -> None:
+        self.commit(state, new_fp32)
+
+
+class _Packed(_Entries):
+    """The salient entries of one parameter under compact state: gathered in flat element order, which is the
+    order of the packed state tensors (one entry per salient element, all of them written)."""
+
+    def __init__(self, p: torch.Tensor, words: torch.Tensor) -> None:
+        self.p = p
+        self.salient = None if words.numel() == 0 else _mask_layout.unpack_bits(words, p.numel())
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1)
+        return (flat if self.salient is None else flat[self.salient]).float()
+
+    def commit(self, target: torch.Tensor, new_fp32: torch.Tensor) -> None:
+        flat = target.view(-1)
+        if self.salient is None:
+            flat.copy_(new_fp32.to(flat.dtype))
+        else:
+            flat[self.salient] = new_fp32.to(flat.dtype)
+
+    def commit_state(self, state: torch.Tensor, new_fp32: torch.Tensor) -> None:
+        state.copy_(new_fp32.to(state.dtype))
 
 
 def _div(x: torch.Tensor, scalar: float) -> torch.Tensor:
@@ -263,8 +325,9 @@ def _step_scalars(lr, lr_tensor, grad_scale, found_inf):
     return False, lr_value, scale
 
 
-@reference("masked_sgd_")
-def masked_sgd_(
+def _sgd_step(
+    name,
+    entries,
     params,
     grads,
     momentum_buffers,
@@ -280,28 +343,40 @@ def masked_sgd_(
     grad_scale,
     found_inf,
 ) -> None:
+    """masked_sgd_ (entries=_Entries: dense state) and masked_sgd_compact_ (entries=_Packed): one spec."""
     bufs = momentum_buffers if momentum != 0 else [None] * len(params)
     lists = {"grads": grads, "mask_words": mask_words}
     if momentum != 0:
         lists["momentum_buffers"] = momentum_buffers
-    _check_step_lists("masked_sgd_", params, **lists)
+    _check_step_lists(name, params, packed=("momentum_buffers",) if entries is _Packed else (), **lists)
     skip, lr, scale = _step_scalars(lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
     for p, g, buf, words in zip(params, grads, bufs, mask_words):
-        salient = _salient(p, words)
-        p32, d = p.float(), _direction(g, scale, maximize)
+        e = entries(p, words)
+        p32, d = e.gather(p), _direction(e.gather(g), scale, maximize)
         if weight_decay != 0:
             d = d + weight_decay * p32
         if momentum != 0:
             b = d if first_step else momentum * buf.float() + (1 - dampening) * d
-            _commit(buf, b, salient)
+            e.commit_state(buf, b)
             d = d + momentum * b if nesterov else b
-        _commit(p, p32 - lr * d, salient)
+        e.commit(p, p32 - lr * d)
 
 
-@reference("masked_adam_")
-def masked_adam_(
+@reference("masked_sgd_")
+def masked_sgd_(*args) -> None:
+    _sgd_step("masked_sgd_", _Entries, *args)
+
+
+@reference("masked_sgd_compact_")
+def masked_sgd_compact_(*args) -> None:
+    _sgd_step("masked_sgd_compact_", _Packed, *args)
+
+
+def _adam_step(
+    name,
+    entries,
     params,
     grads,
     exp_avgs,
@@ -321,6 +396,7 @@ def masked_adam_(
     grad_scale,
     found_inf,
 ) -> None:
+    """masked_adam_ (entries=_Entries: dense state) and masked_adam_compact_ (entries=_Packed): one spec."""
     lists = {
         "grads": grads,
         "exp_avgs": exp_avgs,
@@ -330,15 +406,16 @@ def masked_adam_(
     }
     if amsgrad:
         lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _check_step_lists("masked_adam_", params, **lists)
+    packed = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs") if entries is _Packed else ()
+    _check_step_lists(name, params, packed=packed, **lists)
     skip, lr, scale = _step_scalars(lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
     for p, g, m, v, vmax, step_t, words in zip(params, grads, exp_avgs, exp_avg_sqs, maxes, state_steps, mask_words):
-        salient = _salient(p, words)
+        e = entries(p, words)
         step = float(step_t.item())
-        p32, d = p.float(), _direction(g, scale, maximize)
+        p32, d = e.gather(p), _direction(e.gather(g), scale, maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p32 = p32 * (1 - lr * weight_decay)
@@ -346,14 +423,24 @@ def masked_adam_(
                 d = d + weight_decay * p32
         m32 = m.float() + (1 - beta1) * (d - m.float())  # lerp, as torch
         v32 = beta2 * v.float() + (1 - beta2) * d * d
-        _commit(m, m32, salient)
-        _commit(v, v32, salient)
+        e.commit_state(m, m32)
+        e.commit_state(v, v32)
         bias1 = 1 - beta1**step
         bias2_sqrt = math.sqrt(1 - beta2**step)
         if amsgrad:
             vmax32 = torch.maximum(vmax.float(), v32)
-            _commit(vmax, vmax32, salient)
+            e.commit_state(vmax, vmax32)
             denom = _div(_sqrt(vmax32), bias2_sqrt) + eps
         else:
             denom = _div(_sqrt(v32), bias2_sqrt) + eps
-        _commit(p, p32 - (lr / bias1) * m32 / denom, salient)
+        e.commit(p, p32 - (lr / bias1) * m32 / denom)
+
+
+@reference("masked_adam_")
+def masked_adam_(*args) -> None:
+    _adam_step("masked_adam_", _Entries, *args)
+
+
+@reference("masked_adam_compact_")
+def masked_adam_compact_(*args) -> None:
+    _adam_step("masked_adam_compact_", _Packed, *args)

@@ -54,6 +54,20 @@ SCHEMAS: dict[str, str] = {
         "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
         "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"
     ),
+    # Compact-state twins of the masked steps: the same arguments and the same update of every salient entry, but
+    # each state tensor holds only the salient entries of its param, packed in flat element order (1-D, one entry
+    # per set mask bit; p.numel() entries when mask_words[i] is empty). The mask is the index: no index tensors.
+    "masked_sgd_compact_": (
+        "masked_sgd_compact_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor[] mask_words, float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, "
+        "bool nesterov, bool maximize, bool first_step, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
+    "masked_adam_compact_": (
+        "masked_adam_compact_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, Tensor[] mask_words, float lr, Tensor? lr_tensor, "
+        "float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
 }
 
 for _schema in SCHEMAS.values():
@@ -100,6 +114,8 @@ def _in_place_fake(*args, **kwargs) -> None:
 
 torch.library.register_fake("salun_ext::masked_sgd_")(_in_place_fake)
 torch.library.register_fake("salun_ext::masked_adam_")(_in_place_fake)
+torch.library.register_fake("salun_ext::masked_sgd_compact_")(_in_place_fake)
+torch.library.register_fake("salun_ext::masked_adam_compact_")(_in_place_fake)
 
 
 def op_names() -> list[str]:

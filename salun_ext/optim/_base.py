@@ -8,6 +8,7 @@ import torch
 
 from salun_ext import ops
 from salun_ext.distributed.shards import is_dtensor, to_local
+from salun_ext.optim._compact import DIGEST_KEY, PACKED_KEYS, StateLayout, mask_digest, pack
 from salun_ext.optim._masks import FROZEN, TRAIN_ALL, MaskSpec, Unmasked, check_grad, dense_mask, resolve_param_masks
 from salun_ext.optim._plan import Bucket, GroupPlan, Item, bucket_grads, buckets_of
 from salun_ext.utils.errors import UsageError
@@ -97,13 +98,24 @@ class MaskedOptimizerMixin:
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._plans.clear()  # (they would be rebuilt anyway; this frees the old state at once)
+        if self.state_layout == "compact":
+            self._adopt_loaded_state()
 
-    def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode) -> None:
+    def _init_masks(self, mask: MaskSpec | None, unmasked: Unmasked | None, mode: Mode, state: StateLayout) -> None:
         if mode not in ("strict", "compat"):
             raise UsageError(f"mode must be 'strict' or 'compat', got {mode!r}")
+        if state not in ("dense", "compact"):
+            raise UsageError(f"state must be 'dense' or 'compact', got {state!r}")
+        if state == "compact" and mode != "strict":
+            raise UsageError(
+                f"state='compact' needs mode='strict' (compat mode moves non-salient entries and their state), got "
+                f"mode={mode!r}"
+            )
         self.mode = mode
+        self.state_layout = state
         self.unmasked = unmasked
         self._masks = resolve_param_masks(self.param_groups, mask, unmasked)
+        self._digests: dict[int, int] = {}
         self._empty_words: dict[torch.device, torch.Tensor] = {}
         self._dense_cache: dict[int, torch.Tensor] = {}
         self._perms: dict[int, tuple[int, ...] | None] = {}
@@ -111,6 +123,8 @@ class MaskedOptimizerMixin:
         self._plans: dict[int, GroupPlan | None] = {}  # id(group) -> its cached kernel lists (_plan.py)
         # strict mode unscales gradients and honours found_inf itself (GradScaler sets grad_scale/found_inf)
         self._step_supports_amp_scaling = mode == "strict"
+        if state == "compact":
+            self._init_compact()
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
@@ -120,6 +134,85 @@ class MaskedOptimizerMixin:
                     if self.unmasked is None:
                         raise UsageError("a parameter group added later is not covered by the mask: set unmasked=")
                     self._masks[id(p)] = TRAIN_ALL if self.unmasked == "train" else FROZEN
+            if self.state_layout == "compact":
+                self._init_compact()
+
+    # Compact state (state="compact", _compact.py): each per-entry state tensor holds the salient entries only,
+    # packed in flat element order. The optimizer keeps its own copy of the mask words (a later in-place edit of the
+    # caller's mask cannot move packed entries to other weights) and each parameter's mask digest, which every
+    # compact state records and every load and uncached step checks. FSDP2 (DTensor) parameters: each rank packs
+    # the entries of its local shard (plain local tensors; the digest is the shard's, so a resume needs the same
+    # sharding).
+    def _init_compact(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                words = self._words_for(p)
+                if id(p) in self._digests or words is None:
+                    continue
+                if words.numel():
+                    words = self._masks[id(p)] = words.clone()
+                self._digests[id(p)] = mask_digest(words, to_local(p).numel())
+
+    def _compact_count(self, p: torch.Tensor, words: torch.Tensor) -> int:
+        return to_local(p).numel() if words.numel() == 0 else ops.popcount(words)
+
+    def _new_state(self, p: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """A zero state tensor of p in this optimizer's layout (compact: of its local shard)."""
+        if self.state_layout == "compact":
+            return torch.zeros(self._compact_count(p, words), dtype=p.dtype, device=to_local(p).device)
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _state_view(self, p: torch.Tensor, state: dict, key: str, name: str) -> torch.Tensor:
+        """The kernel view of state[key] (dense: laid out like p, relayouted when not; compact: the tensor itself)."""
+        if self.state_layout == "dense":
+            state[key] = self._relayout(p, state[key])
+            return self._kernel_view(p, state[key])
+        self._check_compact(p, state, name)
+        return state[key]
+
+    def _check_compact(self, p: torch.Tensor, state: dict, name: str) -> None:
+        """The compact state of p is the one its mask gives (else UsageError: nothing has changed yet)."""
+        if self._perm(p) is not None:
+            raise UsageError(
+                f"state='compact' needs contiguous parameters; {name} has strides {to_local(p).stride()} (e.g. "
+                "channels_last): use state='dense' or a contiguous model"
+            )
+        digest = state.setdefault(DIGEST_KEY, self._digests[id(p)])
+        if digest != self._digests[id(p)]:
+            raise UsageError(
+                f"the compact optimizer state of {name} was packed under another mask (digest {digest}, this "
+                f"optimizer's mask gives {self._digests[id(p)]}): compact state follows its mask bit for bit; convert "
+                "it with compact_to_dense_state(state_dict, <optimizer of the old mask>) and load the dense state"
+            )
+
+    def _adopt_loaded_state(self) -> None:
+        """After load_state_dict (compact): dense-layout state is packed under this mask (torch.optim's or
+        state='dense' checkpoints load as they are); compact state must match this mask and its lengths."""
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                words, state = self._words_for(p), self.state.get(p)
+                if words is None or not state:
+                    continue
+                name = self._param_name(group, i)
+                count = self._compact_count(p, words)
+                local_shape = to_local(p).shape
+                for key in PACKED_KEYS:  # (a DTensor state of a dense-layout checkpoint: its local shard)
+                    if isinstance(state.get(key), torch.Tensor):
+                        state[key] = to_local(state[key])
+                dense = [
+                    k for k in PACKED_KEYS if isinstance(state.get(k), torch.Tensor) and state[k].shape == local_shape
+                ]
+                if dense and DIGEST_KEY not in state:
+                    for key in dense:
+                        state[key] = pack(state[key], words)
+                self._check_compact(p, state, name)
+                for key in PACKED_KEYS:
+                    value = state.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape != (count,):
+                        raise UsageError(
+                            f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, expected ({count},) "
+                            "(compact: one entry per salient element) or the parameter's shape (dense)"
+                        )
 
     def _param_name(self, group, index: int) -> str:
         names = group.get("param_names")
@@ -218,4 +311,11 @@ def lr_args(lr) -> tuple[float, torch.Tensor | None]:
 
 
 def on_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device, non_blocking=True)
+    """A scalar tensor argument (lr, grad_scale, found_inf) for the step kernels of `device`. A CPU tensor stays on
+    the CPU: the kernels read its value on the host, where copying it to a GPU would be a pageable host-to-device
+    copy (a stream sync on every step, and no CUDA graph can capture it; the CUDA kernels refuse a CPU tensor
+    inside a capture). A copy to the CPU blocks: a non-blocking device-to-host copy could still be in flight when
+    the CPU kernel reads the value."""
+    if t is None or t.device == device or t.device.type == "cpu":
+        return t
+    return t.to(device, non_blocking=device.type != "cpu")

@@ -6,6 +6,7 @@ import torch
 
 from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
+from salun_ext.optim._compact import StateLayout
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
 from salun_ext.optim._plan import Bucket, GroupPlan, Item
 
@@ -28,13 +29,14 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
         mask: MaskSpec | None = None,
         unmasked: Unmasked | None = None,
         mode: Mode = "strict",
+        state: StateLayout = "dense",
     ) -> None:
         weight_decay = self.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
         check_finite(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
         )
-        self._init_masks(mask, unmasked, mode)
+        self._init_masks(mask, unmasked, mode, state)
 
     def _state_keys(self, group: dict) -> tuple[str, ...]:
         moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
@@ -43,7 +45,7 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
     def _group_items(self, group: dict) -> list[Item]:
         amsgrad = group["amsgrad"]
         items = []
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             words = self._words_for(p)
             if p.grad is None or words is None:
                 continue
@@ -51,16 +53,14 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
             if len(state) == 0:
                 # the step count lives on the parameter's device so a step needs no host sync (capturable)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self._new_state(p, words)
+                state["exp_avg_sq"] = self._new_state(p, words)
                 if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = self._new_state(p, words)
             if state["step"].device != p.device or state["step"].dtype != torch.float32:
                 state["step"] = state["step"].to(p.device, torch.float32)  # e.g. from torch.optim.Adam
-            views = []
-            for key in self._state_keys(group)[:-1]:
-                state[key] = self._relayout(p, state[key])
-                views.append(self._kernel_view(p, state[key]))
+            name = self._param_name(group, i)
+            views = [self._state_view(p, state, key, name) for key in self._state_keys(group)[:-1]]
             items.append(self._item(p, (*views, state["step"]), words))
         return items
 
@@ -87,7 +87,8 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
         else:
             torch._foreach_add_(steps, 1)
         found = on_device(found_inf, device)
-        ops.masked_adam_(
+        kernel = ops.masked_adam_compact_ if self.state_layout == "compact" else ops.masked_adam_
+        kernel(
             bucket.params,
             grads,
             bucket.states[0],
@@ -108,16 +109,19 @@ class _MaskedAdamStep(MaskedOptimizerMixin):
             found_inf=found,
         )
         if found is not None:  # a skipped step does not count (as torch's fused Adam)
+            # (a CPU found_inf with device parameters is read on the host, as the kernel read it: no copy)
+            undo = found.to(torch.float32) if found.device == device else float(found)
             if flat is not None:
-                flat.sub_(found.to(torch.float32))
+                flat.sub_(undo)
             else:
-                torch._foreach_sub_(steps, [found.to(torch.float32)] * len(steps))
+                torch._foreach_sub_(steps, [undo] * len(steps))
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
     """torch.optim.Adam (betas, eps, L2 weight_decay, amsgrad, maximize) restricted to a saliency mask.
 
-    mask / unmasked / mode: as MaskedSGD. In strict mode the moments of non-salient entries stay 0 for ever.
+    mask / unmasked / mode / state: as MaskedSGD. In strict mode the moments of non-salient entries stay 0 for
+    ever; state="compact" keeps only the salient ones (exp_avg, exp_avg_sq, max_exp_avg_sq packed, see MaskedSGD).
     """
 
     DEFAULT_WEIGHT_DECAY = 0.0  # torch.optim.Adam's (L2, added to the gradient)
@@ -126,7 +130,8 @@ class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
 class MaskedAdamW(_MaskedAdamStep, torch.optim.AdamW):
     """torch.optim.AdamW (decoupled weight decay, default 1e-2) restricted to a saliency mask.
 
-    mask / unmasked / mode: as MaskedSGD. Decoupled weight decay applies to salient entries only (strict mode).
+    mask / unmasked / mode / state: as MaskedSGD. Decoupled weight decay applies to salient entries only (strict
+    mode); state="compact" keeps the moments of the salient entries only.
     """
 
     DEFAULT_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's (decoupled)

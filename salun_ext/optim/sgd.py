@@ -6,6 +6,7 @@ import torch
 
 from salun_ext import ops
 from salun_ext.optim._base import MaskedOptimizerMixin, Mode, lr_args, on_device
+from salun_ext.optim._compact import StateLayout
 from salun_ext.optim._masks import MaskSpec, Unmasked, check_finite
 from salun_ext.optim._plan import Bucket, Item
 
@@ -19,6 +20,12 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
         unmasked: what happens to parameters the mask does not cover: "train" (updated densely) or "freeze"
             (never updated). Required whenever some parameter is not covered.
         mode: "strict" (default) or "compat" (see MaskedOptimizerMixin).
+        state: "dense" (default: every state tensor shaped like its parameter, torch.optim's layout) or "compact"
+            (strict mode only): each per-entry state tensor is 1-D and holds only the salient entries, in flat
+            element order, so state memory scales with the mask's density. The trajectory is bit-identical to
+            "dense"; state_dict() saves the compact layout (compact_to_dense_state / dense_to_compact_state convert,
+            and load_state_dict packs a dense-layout state itself). Needs contiguous parameters; FSDP2
+            (DTensor) parameters: each rank packs its local shard.
     In strict mode the momentum buffer of a non-salient entry stays 0 for ever and its weight stays theta_0.
     """
 
@@ -35,6 +42,7 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
         mask: MaskSpec | None = None,
         unmasked: Unmasked | None = None,
         mode: Mode = "strict",
+        state: StateLayout = "dense",
     ) -> None:
         check_finite(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         super().__init__(
@@ -46,7 +54,7 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
             nesterov=nesterov,
             maximize=maximize,
         )
-        self._init_masks(mask, unmasked, mode)
+        self._init_masks(mask, unmasked, mode, state)
 
     def _state_keys(self, group: dict) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -54,19 +62,17 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
     def _group_items(self, group: dict) -> list[Item]:
         momentum = group["momentum"]
         items = []
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             words = self._words_for(p)
             if p.grad is None or words is None:
                 continue
             states, first = (), False
             if momentum != 0:
                 state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = self._new_state(p, words)
                     first = True
-                buf = state["momentum_buffer"] = self._relayout(p, buf)
-                states = (self._kernel_view(p, buf),)
+                states = (self._state_view(p, state, "momentum_buffer", self._param_name(group, i)),)
             items.append(self._item(p, states, words, first))
         return items
 
@@ -78,11 +84,12 @@ class MaskedSGD(MaskedOptimizerMixin, torch.optim.SGD):
         parts = [(False, None)]
         if any(bucket.first):  # new momentum buffers take the gradient itself (torch's first step)
             parts = [(first, [i for i, f in enumerate(bucket.first) if f == first]) for first in (True, False)]
+        kernel = ops.masked_sgd_compact_ if self.state_layout == "compact" else ops.masked_sgd_
         for first, index in parts:
             if index is not None and not index:
                 continue
             pick = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])  # noqa: B023
-            ops.masked_sgd_(
+            kernel(
                 pick(bucket.params),
                 pick(grads),
                 pick(bufs) if momentum != 0 else [],

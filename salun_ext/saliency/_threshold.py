@@ -70,12 +70,20 @@ class HistogramReducer:
 def _histogram(
     tensors: list[torch.Tensor], low_bit: int, width: int, rows: list[int], nan_as_zero: bool
 ) -> torch.Tensor:
-    """key_histogram over the non-empty tensors (zeros when there are none: a process may hold no elements)."""
+    """key_histogram over the non-empty tensors (zeros when there are none: a process may hold no elements), in
+    batches of at most ops.MAX_HISTOGRAM_PREFIXES rows (the CUDA kernel's limit; more ratios than that are fine)."""
     nonempty = tensors if all(map(torch.Tensor.numel, tensors)) else [t for t in tensors if t.numel() > 0]
     if not nonempty:
         device = tensors[0].device if tensors else "cpu"
         return torch.zeros((len(rows), 1 << width), dtype=torch.int64, device=device)
-    return ops.key_histogram(nonempty, low_bit=low_bit, num_bits=width, prefixes=rows, nan_as_zero=nan_as_zero)
+    batch = ops.MAX_HISTOGRAM_PREFIXES
+    parts = [
+        ops.key_histogram(
+            nonempty, low_bit=low_bit, num_bits=width, prefixes=rows[i : i + batch], nan_as_zero=nan_as_zero
+        )
+        for i in range(0, len(rows), batch)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _dense_view(t: torch.Tensor) -> torch.Tensor:

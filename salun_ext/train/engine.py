@@ -41,6 +41,7 @@ class OptimConfig:
     eps: float = 1e-8
     mask_mode: Literal["strict", "compat"] = "strict"  # compat: the paper code's grad *= mask
     unmasked: Literal["train", "freeze"] | None = None  # parameters the mask does not cover
+    state: Literal["dense", "compact"] = "dense"  # compact: optimizer state of the salient entries only
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ def build_optimizer(
     named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, mask: SaliencyMask | None = None
 ) -> torch.optim.Optimizer:
     """A Masked{SGD,Adam,AdamW} over named parameters (with mask=None they behave as their torch twins)."""
-    common = dict(mask=mask, unmasked=cfg.unmasked, mode=cfg.mask_mode)
+    common = dict(mask=mask, unmasked=cfg.unmasked, mode=cfg.mask_mode, state=cfg.state)
     if cfg.name == "sgd":
         return MaskedSGD(
             named_params,

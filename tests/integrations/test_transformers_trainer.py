@@ -40,25 +40,33 @@ def _collate(pad_id):
     return collate
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_only_salient_weights_move_under_the_trainer(tmp_path, bf16):
+def _train(folder, out, bf16: bool, **trainer_kw):
+    """3 Trainer steps of gradient ascent on the forget texts (accumulation 2, clipping, weight decay)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    folder = build_tiny_lm(tmp_path / "lm")
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     forget = _Texts(tokenizer, [r["question"] + " " + r["answer"] for r in FORGET])
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        output_dir=str(out), per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0,
         bf16=bf16, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", seed=0,
     )  # fmt: skip
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SalUnTrainer(
         model=model, args=args, train_dataset=forget, forget_dataset=forget, mask_ratio=0.3, ascent=True,
-        data_collator=_collate(tokenizer.pad_token_id),
+        data_collator=_collate(tokenizer.pad_token_id), **trainer_kw,
     )  # fmt: skip
     trainer.train()
+    return model, trainer
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_only_salient_weights_move_under_the_trainer(tmp_path, bf16):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_lm(tmp_path / "lm")
+    before = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(folder).named_parameters()}
+    model, trainer = _train(folder, tmp_path / "out", bf16)
     mask = trainer.mask
     assert isinstance(mask, SaliencyMask) and mask.k == int(0.3 * sum(p.numel() for p in model.parameters()))
     moved = 0
@@ -72,6 +80,24 @@ def test_only_salient_weights_move_under_the_trainer(tmp_path, bf16):
         for name, p in zip(group["param_names"], group["params"]):
             if p in state:
                 assert torch.count_nonzero(state[p]["exp_avg"][~mask.dense(name)]) == 0
+
+
+def test_compact_optimizer_state_trains_the_same_weights(tmp_path):
+    """optimizer_state="compact": AdamW's moments hold the salient entries only, and every weight ends bit for bit
+    where the dense-state run puts it."""
+    folder = build_tiny_lm(tmp_path / "lm")
+    dense, _ = _train(folder, tmp_path / "dense", False)
+    compact, trainer = _train(folder, tmp_path / "compact", False, optimizer_state="compact")
+    for (name, a), (_, b) in zip(dense.named_parameters(), compact.named_parameters()):
+        assert torch.equal(a, b), name
+    sizes = {}
+    for group in trainer.optimizer.param_groups:
+        for name, p in zip(group["param_names"], group["params"]):
+            if p in trainer.optimizer.state:
+                sizes[name] = trainer.optimizer.state[p]["exp_avg"].numel()
+    assert sizes and all(n == int(trainer.mask.dense(name).sum()) for name, n in sizes.items())
+    with pytest.raises(UsageError, match="optimizer_state: expected 'dense' or 'compact', got 'packed'"):
+        SalUnTrainer(model=compact, args=trainer.args, mask=trainer.mask, optimizer_state="packed")
 
 
 def test_a_given_mask_and_bad_input(tmp_path):

@@ -203,8 +203,25 @@ def test_privleak_of_a_model_that_memorised_the_forget_texts(lm_dir, tmp_path):
     leak = result["privleak"]
     assert leak["auc"] == 0.0  # every forget text is more likely than every holdout text
     assert leak["privleak"] == pytest.approx(-100.0)
-    assert result["verbmem_forget"]["examples"] == 1 and 0 <= result["verbmem_forget"]["rouge_l_f1"] <= 1
+    assert result["verbmem_forget"]["examples"] == 1
     assert set(result) >= {"knowmem_forget", "knowmem_retain"}
+
+
+def test_verbmem_and_knowmem_score_the_generated_text_by_rouge_l_f1(monkeypatch):
+    """Known generations, scores by hand: ROUGE-L F1 = 2PR / (P + R) over the longest common word subsequence."""
+    generated = {
+        "The river flows": "past a mill",  # LCS "past mill": P = R = 2/3, F1 = 2/3
+        "Owls": "hunt at night",  # against "hunt mice at night": P = 1, R = 3/4, F1 = 6/7
+        "Question: What do owls do?\nAnswer:": " hunt\nQuestion: and bats?",  # cut at "\nQuestion": "hunt"
+    }
+    monkeypatch.setattr(B, "greedy_generate", lambda model, tok, prompts, **kw: [generated[p] for p in prompts])
+    data = {
+        "verbmem": [("The river flows", "past the mill"), ("Owls", "hunt mice at night")],
+        "knowmem_forget": [("What do owls do?", "hunt")],
+    }
+    result = B.evaluate_muse(None, None, data)
+    assert result["verbmem_forget"] == {"rouge_l_f1": pytest.approx((2 / 3 + 6 / 7) / 2), "examples": 2}
+    assert result["knowmem_forget"] == {"rouge_l_f1": pytest.approx(1.0), "examples": 1}
 
 
 def test_cli_benchmarks(lm_dir, tmp_path, capsys):
@@ -234,3 +251,16 @@ def test_cli_benchmarks(lm_dir, tmp_path, capsys):
     (tmp_path / "bad" / "forget10_perturbed.json").write_text('{"question": "q", "answer": "a"}\n')
     assert main([*base, "--benchmark", "tofu", "--data", str(tmp_path / "bad")]) == 2
     assert "forget10_perturbed.json: record 1: missing field 'perturbed_answer'" in capsys.readouterr().err
+
+
+def test_greedy_generation_of_a_padded_batch_equals_one_prompt_at_a_time(lm_dir):
+    """Prompts of different lengths share a left-padded batch; each must continue exactly as it does alone (a
+    batch of one needs no padding), so a wrong pad side or attention mask shows up as a different continuation."""
+    model, tokenizer = load_causal_lm(str(lm_dir), dtype="fp32")
+    prompts = ["The river", "An owl hunts at night in the old barn", "Seven"]
+    lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
+    assert len(lengths) == 3  # three different lengths: the batch really is padded
+    kw = {"max_new_tokens": 6, "max_length": 64, "amp": "none"}
+    batched = B.greedy_generate(model, tokenizer, prompts, batch_size=3, **kw)
+    alone = [B.greedy_generate(model, tokenizer, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert batched == alone and any(alone)

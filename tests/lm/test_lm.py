@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import salun_ext
+
 transformers = pytest.importorskip("transformers")
 
 from salun_ext.lm import (  # noqa: E402
@@ -24,6 +26,7 @@ from salun_ext.lm import (  # noqa: E402
 )
 from salun_ext.lm.data import IGNORE_INDEX, relabel  # noqa: E402
 from salun_ext.train import RunOptions  # noqa: E402
+from salun_ext.utils.errors import UsageError  # noqa: E402
 from tests.lm_fixtures import FORGET, RETAIN  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -119,6 +122,33 @@ def test_salun_ga_unlearns_memorized_text_and_freezes_non_salient_weights(memori
     assert result.fit.steps == 4 * 2
 
 
+def test_compact_optimizer_state_gives_the_dense_run_bit_for_bit(lm_dir):
+    """optimizer_state="compact" (AdamW moments of the salient entries only): same weights as the dense-state run;
+    without a mask it is refused, naming the option."""
+    forget = [TextExample(r["answer"], r["question"]) for r in FORGET]
+    retain = [TextExample(t) for t in RETAIN]
+    weights = {}
+    for state in ("dense", "compact"):
+        model, tokenizer = load_causal_lm(str(lm_dir), dtype="fp32")
+        config = LMUnlearnConfig(method="npo", mask_ratio=0.1, lr=1e-2, max_steps=3, epochs=None, batch_size=2,
+                                 optimizer_state=state)  # fmt: skip
+        unlearn_lm(model, tokenizer, forget, retain, config, RunOptions(progress=False))
+        weights[state] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(weights["dense"][n], weights["compact"][n]) for n in weights["dense"])
+    from salun_ext.train.engine import build_optimizer
+
+    named = list(model.named_parameters())  # the run's optimizer really was the compact one
+    recipe = LMUnlearnConfig(optimizer_state="compact").recipe()
+    mask = salun_ext.saliency_masks({n: p.detach() for n, p in named}, 0.1)
+    optimizer = build_optimizer(named, recipe.optimizer, mask)
+    assert recipe.optimizer.state == "compact" and optimizer.state_layout == "compact"
+    config = LMUnlearnConfig(method="npo", mask_ratio=None, optimizer_state="compact")
+    with pytest.raises(UsageError, match=r"optimizer_state .*needs a mask"):
+        unlearn_lm(model, tokenizer, forget, retain, config, RunOptions(progress=False))
+    with pytest.raises(UsageError, match="optimizer_state must be one of dense, compact, got 'packed'"):
+        LMUnlearnConfig(optimizer_state="packed")
+
+
 @pytest.mark.parametrize("method", ["npo", "idk", "random_label"])
 def test_methods_run_with_bf16_weights_and_checkpointing(lm_dir, method):
     model, tokenizer = load_causal_lm(str(lm_dir), dtype="bf16", gradient_checkpointing=True)
@@ -131,6 +161,15 @@ def test_methods_run_with_bf16_weights_and_checkpointing(lm_dir, method):
     assert result.fit.steps == 2 and all(math.isfinite(h["loss"]) for h in result.fit.history)
     moved = sum(int((p.detach() != initial[n]).sum()) for n, p in model.named_parameters())
     assert 0 < moved <= result.mask.k
+
+
+def test_cli_optimizer_state_flag_reaches_the_config():
+    from salun_ext.cli import parse_args
+    from salun_ext.cli.lm import _config
+
+    base = ["lm", "unlearn", "--model", "m", "--forget", "f.txt", "--out", "o"]
+    assert _config(parse_args(base)).optimizer_state == "dense"
+    assert _config(parse_args([*base, "--optimizer-state", "compact"])).optimizer_state == "compact"
 
 
 def test_cli_unlearn_resume_and_evaluate(lm_dir, text_files, tmp_path, capsys):

@@ -33,6 +33,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         steps = [torch.tensor(3.0) for _ in sizes]
         ops.masked_adam_(ps, gs, ms, vs, [], steps, words, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
         out[f"{dtype}-{density}"] = [t.clone() for t in ps + bufs + ms + vs]
+        # compact state (AVX-512 stages fp32 entries with compress / expand; the others walk the set bits)
+        counts = [int(ops.unpack_bits(w, n).sum()) for w, n in zip(words, sizes)]
+        cb = [torch.randn(c).to(dtype) for c in counts]
+        cm, cv = [torch.randn(c).to(dtype) for c in counts], [torch.rand(c).to(dtype) for c in counts]
+        cx = [torch.rand(c).to(dtype) for c in counts]
+        ops.masked_sgd_compact_(ps, gs, cb, words, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+        ops.masked_adam_compact_(ps, gs, cm, cv, cx, steps, words, lr=1e-2, weight_decay=0.1, amsgrad=True)
+        out[f"compact-{dtype}-{density}"] = [t.clone() for t in ps + cb + cm + cv + cx]
 torch.save(out, sys.argv[1])
 """
 

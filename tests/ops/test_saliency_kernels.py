@@ -256,3 +256,87 @@ def test_window_select_overflow_still_counts_everything(device):
     assert keys.numel() == 1000 and bool((keys == 0).all())
     assert bool((pos < 100_000).all()), "only in-window (zero) elements are stored"
     assert salun_ext.ops._mask_layout.popcount(words) == 5
+
+
+@pytest.mark.parametrize(
+    "total, count, block",
+    [(10_007, 1000, None), (2**62 + 12_345, 7, None), (2**63 - 25, 2_000, None), (2**62 + 12_345, 7, 3)],
+)
+def test_sample_indices_are_exact_when_i_times_total_overflows_int64(total, count, block):
+    # sample positions floor(i * N / S) of a 6.7e9-element list with >= 1.4e9 samples overflow an int64 product;
+    # the reference splits the product (the kernels take it in 128 bits). Block 3 covers the multi-block path.
+    got = _reference.sample_indices(total, count, "cpu", block=block).tolist()
+    assert got == [i * total // count for i in range(count)]
+    if total > 2**62:
+        assert (count - 1) * total >= 2**63  # the int64 product i * total really overflows here
+
+
+@NATIVE
+@pytest.mark.cuda
+def test_cuda_kernels_on_empty_tensors_match_reference():
+    # lists holding empty CUDA tensors (an all-empty one too) reach the CUDA kernels, which skip the empty tensors
+    # (an empty list has no device and dispatches to the reference)
+    for sizes in ([0], [0, 0, 3], [5, 0, 40, 0]):
+        tensors = [torch.randn(n, device="cuda") for n in sizes]
+        for got, want in (
+            (
+                torch.ops.salun_ext.key_histogram(tensors, 19, 12, [0], False),
+                _reference.key_histogram(tensors, 19, 12, [0], False),
+            ),
+            (
+                torch.ops.salun_ext.mask_words(tensors, 0x3F000000, 2, False),
+                _reference.mask_words(tensors, 0x3F000000, 2, False),
+            ),
+            (torch.ops.salun_ext.sample_keys(tensors, 9, False), _reference.sample_keys(tensors, 9, False)),
+        ):
+            assert got.device.type == "cuda" and torch.equal(got, want), sizes
+        got = torch.ops.salun_ext.window_select(tensors, 0, 0x3F800000, 64, False)
+        want = _reference.window_select(tensors, 0, 0x3F800000, 64, False)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), sizes
+        count = int(want[1][1])
+        assert torch.equal(_sorted_candidates(got[2], got[3], count)[1], _sorted_candidates(want[2], want[3], count)[1])
+
+
+@pytest.mark.cuda
+def test_cuda_histogram_refuses_more_prefixes_than_its_rows():
+    # the op's limit (shared-memory rows); find_thresholds splits larger prefix lists (tests/saliency/test_threshold)
+    tensors = [torch.randn(100, device="cuda")]
+    rows = list(range(salun_ext.ops.MAX_HISTOGRAM_PREFIXES))
+    assert torch.ops.salun_ext.key_histogram(tensors, 9, 10, rows, False).shape == (len(rows), 1024)
+    with pytest.raises(RuntimeError, match="prefixes per pass"):
+        torch.ops.salun_ext.key_histogram(tensors, 9, 10, [*rows, len(rows)], False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["key_histogram", "mask_words", "sample_keys", "window_select"])
+def test_cuda_saliency_ops_refuse_a_graph_capture(op):
+    # each uploads a table of tensor pointers from a temporary host buffer: a graph would replay that copy
+    tensors = [torch.randn(1000, device="cuda")]
+    call = {
+        "key_histogram": lambda: torch.ops.salun_ext.key_histogram(tensors, 19, 12, [0], False),
+        "mask_words": lambda: torch.ops.salun_ext.mask_words(tensors, 0x3F000000, -1, False),
+        "sample_keys": lambda: torch.ops.salun_ext.sample_keys(tensors, 10, False),
+        "window_select": lambda: torch.ops.salun_ext.window_select(tensors, 0, 0x3F800000, 64, False),
+    }[op]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=f"{op} cannot run inside a CUDA graph capture"), torch.cuda.graph(graph):
+        call()
+    assert call() is not None  # outside a capture it runs
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_cuda_sample_positions_exact_when_i_times_total_overflows_int64():
+    # 2.4e9 samples of a 4e9-element bf16 list (8 GB + 9.6 GB of samples): i * total reaches 9.6e18 > 2^63
+    total, count = 4_000_000_000, 2_400_000_000
+    assert (count - 1) * total >= 2**63
+    pattern = torch.arange(251, device="cuda").to(torch.bfloat16)  # 0..250 are exact in bf16
+    grads = pattern.repeat(total // 251 + 1)[:total]  # element j is j % 251
+    sample = torch.ops.salun_ext.sample_keys([grads], count, False)
+    table = _reference.keys(pattern, False)
+    q, r = divmod(total, count)  # here i * r < 2^63, so floor(i * total / count) = i * q + (i * r) // count in int64
+    for start in range(0, count, 2**28):
+        i = torch.arange(start, min(start + 2**28, count), dtype=torch.int64, device="cuda")
+        index = i * q + (i * r) // count
+        assert torch.equal(sample[start : start + i.numel()].long(), table[index % 251]), start

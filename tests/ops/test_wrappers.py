@@ -19,6 +19,8 @@ WRAPPERS = {
     "window_select": 1,
     "masked_sgd_": 4,
     "masked_adam_": 7,
+    "masked_sgd_compact_": 4,
+    "masked_adam_compact_": 7,
 }
 
 
@@ -51,6 +53,8 @@ def test_positional_scalars_are_a_type_error():
         "window_select": lambda: ops.window_select(g, 0, 1, 8),
         "masked_sgd_": lambda: ops.masked_sgd_([], [], [], [], 0.1),
         "masked_adam_": lambda: ops.masked_adam_([], [], [], [], [], [], [], 0.1),
+        "masked_sgd_compact_": lambda: ops.masked_sgd_compact_([], [], [], [], 0.1),
+        "masked_adam_compact_": lambda: ops.masked_adam_compact_([], [], [], [], [], [], [], 0.1),
     }
     assert sorted(calls) == sorted(WRAPPERS)
     for call in calls.values():

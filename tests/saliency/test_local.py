@@ -185,3 +185,55 @@ def test_window_nan_is_reported():
         salun_ext.saliency_masks(g, 0.5, method="window")
     with pytest.raises(ValueError, match="method must be"):
         salun_ext.saliency_masks(g, 0.5, method="sort")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=id_formatter("dtype"))
+def test_auto_takes_the_window_path_on_typical_gradients(device, dtype, monkeypatch):
+    # typical gradients (no mass of ties at the threshold) must be selected by the one-pass window, with no
+    # histogram pass: a silent fallback would stay exact but cost about four reads instead of one
+    from salun_ext import ops
+
+    sizes = [2_000_000, 1_000_000, 4097] if device == "cuda" else [300_000, 100_000, 4097]  # > the sample
+    tensors = nasty_list(sizes, "heavy", [dtype], seed=31, device=device)
+    ratios = [0.01, 0.1, 0.5, 0.9]
+    calls = {"window_select": 0, "key_histogram": 0, "mask_words": 0}
+
+    def spy(name):
+        real = getattr(ops, name)
+
+        def counted(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(ops, name, spy(name))
+    got = salun_ext.saliency_masks(tensors, ratios)  # method="auto"
+    assert calls == {"window_select": len(ratios), "key_histogram": 0, "mask_words": 0}
+    monkeypatch.undo()
+    for mask, expected in zip(got, salun_ext.saliency_masks(tensors, ratios, method="histogram")):
+        assert mask.equal(expected) and mask.threshold == expected.threshold and mask.count() == mask.k
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["auto", "histogram"])
+def test_more_than_2_31_elements_on_cuda_select_exactly_k(method):
+    # ~2.4e9 fp32 elements (9.7 GB): 64-bit indexing in every pass. selected == k is asserted (the benchmark only
+    # prints it), and the threshold is checked against counts torch takes itself
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    sizes = [2**30, 2**30, 2**28 + 12_345]
+    tensors = [torch.randn(n, device="cuda", generator=gen) for n in sizes]
+    total = sum(sizes)
+    assert total > 2**31
+    ratios = [0.001, 0.5]
+    for ratio, mask in zip(ratios, salun_ext.saliency_masks(tensors, ratios, method=method)):
+        k = ratio_to_k(ratio, total)
+        assert mask.k == k and mask.count() == k
+        above = sum(int((t.abs() > mask.threshold).sum()) for t in tensors)
+        at = sum(int((t.abs() == mask.threshold).sum()) for t in tensors)
+        assert above < k <= above + at
+        last = mask.dense(mask.names[-1]).to("cuda")  # past element 2^31 of the list
+        assert torch.equal(last & (tensors[-1].abs() > mask.threshold), tensors[-1].abs() > mask.threshold)

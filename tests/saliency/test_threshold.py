@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import salun_ext
-from salun_ext.saliency import find_thresholds, ratio_to_k
+from salun_ext import ops
+from salun_ext.saliency import DIGIT_WIDTHS, find_thresholds, ratio_to_k
+from tests.helpers import DEVICES, flat_dense, oracle_exact_mask, oracle_keys
 
 
 def test_find_thresholds_accepts_channels_last_transposed_and_strided_tensors():
@@ -120,3 +122,30 @@ def test_tensors_that_require_grad_are_detached_by_the_one_pass_path():
     x = torch.randn(3, requires_grad=True)
     names, tensors = _threshold.named_tensors([x, torch.randn(2)])
     assert names == ["0", "1"] and not tensors[0].requires_grad and tensors[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_ratios_than_one_histogram_call_takes(device, monkeypatch):
+    # the CUDA key_histogram takes at most ops.MAX_HISTOGRAM_PREFIXES prefixes per call: more ratios (distinct
+    # prefixes) are split into several calls, on every device, with the thresholds of the unsplit select
+    gen = torch.Generator().manual_seed(21)
+    heavy = [torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 4) for n in (9000, 7)]
+    tensors = [t.to(device) for t in heavy]
+    total = sum(t.numel() for t in tensors)
+    ks = [round(total * (i + 0.5) / 150) for i in range(150)]
+    calls = []
+    real = ops.key_histogram
+
+    def spy(grads, **kw):
+        calls.append(len(kw["prefixes"]))
+        assert len(kw["prefixes"]) <= ops.MAX_HISTOGRAM_PREFIXES
+        return real(grads, **kw)
+
+    monkeypatch.setattr(ops, "key_histogram", spy)
+    got = find_thresholds(tensors, ks)
+    assert max(calls) == ops.MAX_HISTOGRAM_PREFIXES and len(calls) > len(DIGIT_WIDTHS)  # the split happened
+    ordered = oracle_keys(tensors).sort(descending=True).values
+    assert [th.key for th in got] == [int(ordered[k - 1]) for k in ks]
+    monkeypatch.setattr(ops, "key_histogram", real)
+    for mask in salun_ext.saliency_masks(tensors, [k / total for k in ks], method="histogram"):
+        assert torch.equal(flat_dense(mask), oracle_exact_mask(tensors, mask.k))

@@ -39,3 +39,12 @@ def test_dry_run_appends_one_json_line_per_result(tmp_path):
     # the rows come before the step line that produced them: written as measured, not at the end
     assert lines.index(json.dumps(steps["optim"])) > max(i for i, r in enumerate(rows) if r.get("bench") == "optim")
     assert "| optim | unet686x16 |" in done.stdout and (out / "summary.md").exists()
+    llm = [r for r in rows if r.get("bench") == "llm_scale"]  # the 7B step's script, on a tiny Llama
+    assert steps["llm_scale"]["status"] == "ok" and llm[0]["case"] == "mask"
+    assert llm[0]["selected"] == int(llm[0]["numel"] * 0.1)  # exactly k = floor(N * density)
+    by_method = {r["method"]: r for r in llm[1:]}
+    assert set(by_method) == {"torch_fused", "compact", "dense"}
+    # at density 0.1 the compact moments are a tenth of the dense ones (the same bytes for fused AdamW's)
+    assert by_method["compact"]["state_bytes"] * 5 < by_method["dense"]["state_bytes"]
+    assert by_method["dense"]["state_bytes"] == by_method["torch_fused"]["state_bytes"]
+    assert all(r["ratio_to_baseline"] > 0 for r in llm[1:] if r["method"] != "torch_fused")

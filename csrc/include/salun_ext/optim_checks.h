@@ -74,6 +74,55 @@ inline void check_adam_lists(const char* op, at::TensorList params, at::TensorLi
   check_step_list(op, "state_steps", params, state_steps, /*same_shape=*/false);
 }
 
+// A list of compact state tensors: values[i] is 1-D and holds one entry per salient element of params[i], with
+// params[i]'s dtype and device. counts: the salient counts (the CPU launcher counts the mask bits); nullptr checks
+// only numel <= params[i].numel() (the CUDA launcher: counting would need a host sync; its kernel bounds-checks).
+inline void check_packed_list(const char* op, const char* list_name, at::TensorList params, at::TensorList values,
+                              const int64_t* counts) {
+  TORCH_CHECK(values.size() == params.size(), "salun_ext: ", op, ": argument '", list_name, "' has ", values.size(),
+              " tensors, expected ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& t = values[i];
+    const bool ok = t.dim() == 1 && (counts != nullptr ? t.numel() == counts[i] : t.numel() <= p.numel());
+    TORCH_CHECK(ok, "salun_ext: ", op, ": ", list_name, "[", i, "] has shape ", t.sizes(), ", expected (",
+                counts != nullptr ? std::to_string(counts[i]) : std::string("<= ") + std::to_string(p.numel()),
+                ",) (one entry per salient element of params[", i, "])");
+    TORCH_CHECK(t.scalar_type() == p.scalar_type(), "salun_ext: ", op, ": ", list_name, "[", i, "] has dtype ",
+                t.scalar_type(), ", expected ", p.scalar_type(), " (the parameter's)");
+    TORCH_CHECK(t.is_contiguous(), "salun_ext: ", op, ": ", list_name, "[", i, "] must be contiguous");
+    TORCH_CHECK(t.device() == p.device(), "salun_ext: ", op, ": ", list_name, "[", i, "] is on ", t.device(),
+                ", expected ", p.device());
+  }
+}
+
+// The tensor lists of masked_sgd_compact_ / masked_adam_compact_ (dense grads, compact state); call after
+// check_step_params (the counts come from the checked mask words).
+inline void check_sgd_compact_lists(const char* op, at::TensorList params, at::TensorList grads,
+                                    at::TensorList momentum_buffers, bool has_momentum, const int64_t* counts) {
+  check_step_list(op, "grads", params, grads, /*same_shape=*/true);
+  if (has_momentum) check_packed_list(op, "momentum_buffers", params, momentum_buffers, counts);
+}
+
+inline void check_adam_compact_lists(const char* op, at::TensorList params, at::TensorList grads,
+                                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad,
+                                     const int64_t* counts) {
+  check_step_list(op, "grads", params, grads, /*same_shape=*/true);
+  check_packed_list(op, "exp_avgs", params, exp_avgs, counts);
+  check_packed_list(op, "exp_avg_sqs", params, exp_avg_sqs, counts);
+  if (amsgrad) check_packed_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, counts);
+  // (without counts, the CUDA kernel bounds every packed index by exp_avgs[i]'s length: the others must match it)
+  for (size_t i = 0; i < params.size(); ++i) {
+    const bool same = exp_avg_sqs[i].numel() == exp_avgs[i].numel() &&
+                      (!amsgrad || max_exp_avg_sqs[i].numel() == exp_avgs[i].numel());
+    TORCH_CHECK(same, "salun_ext: ", op, ": exp_avgs[", i, "], exp_avg_sqs[", i,
+                "] (and max_exp_avg_sqs) must have the same length (one entry per salient element of params[", i,
+                "])");
+  }
+  check_step_list(op, "state_steps", params, state_steps, /*same_shape=*/false);
+}
+
 inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
                                 const c10::Device& device) {
   if (!t.has_value()) return;

@@ -58,3 +58,22 @@ def random_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 def params_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def tiny_clip_folder(folder: Path) -> Path:
+    """A random CLIPModel + CLIPProcessor (with the real CLIP tokenizer) saved like a downloaded CLIP folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from salun_ext.diffusion.clip_tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tok"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder / "clip")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder / "clip")
+    return folder / "clip"

@@ -1,4 +1,6 @@
-"""`salun-ext diffusion train|mask|unlearn|sample|evaluate|demo`: generation unlearning from the shell.
+"""`salun-ext diffusion train|mask|unlearn|sample|evaluate|attack|demo|train-text-digits|evaluate-text-digits|
+text-digits-table`:
+generation unlearning from the shell.
 
 Argparse and printing only: every subcommand calls one function of salun_ext.diffusion.workflows (or the demo),
 and the library raises UsageError for bad input (cli.main turns it into one line and exit status 2). The --method
@@ -36,7 +38,18 @@ def _method_names() -> list[str]:
 def register(sub) -> None:
     p = sub.add_parser("diffusion", help="generation unlearning: class-conditional DDPM and Stable Diffusion")
     cmds = p.add_subparsers(dest="diffusion_command", required=True, metavar="SUBCOMMAND")
-    for add in (_add_train, _add_mask, _add_unlearn, _add_sample, _add_evaluate, _add_demo):
+    for add in (
+        _add_train,
+        _add_mask,
+        _add_unlearn,
+        _add_sample,
+        _add_evaluate,
+        _add_attack,
+        _add_demo,
+        _add_text_digits,
+        _add_evaluate_text_digits,
+        _add_text_digits_table,
+    ):
         add(cmds)
 
 
@@ -72,7 +85,7 @@ def _add_mask(cmds) -> None:
 
 
 def _add_unlearn(cmds) -> None:
-    un = _subcommand(cmds, "unlearn", "unlearn with SalUn or a baseline (GA, ESD-x/-u, FMN, Retrain)", run_unlearn)
+    un = _subcommand(cmds, "unlearn", "unlearn with SalUn or a baseline (GA, ESD-x/-u, FMN, UCE, Retrain)", run_unlearn)
     _model_source(un)
     _forget_data(un)
     un.add_argument("--method", required=True, choices=_method_names())
@@ -86,11 +99,37 @@ def _add_unlearn(cmds) -> None:
     un.add_argument("--eta", type=float, default=None, help="ESD: negative guidance strength")
     un.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
     un.add_argument("--fmn-concept", default=None, help="FMN: the concept's words inside the forget prompt")
+    _uce_flags(un)
     _protocol_flag(un)
     un.add_argument("--out", required=True, help="output folder (DDPM folder or SD pipeline folder)")
     _checkpointing(un)
     add_distributed_args(un)
     _fsdp_flag(un, "(methods salun, ga)")
+
+
+def _uce_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("UCE (closed-form edit; defaults: the published code's, docs/diffusion.md)")
+    g.add_argument(
+        "--uce-erase",
+        nargs="+",
+        default=None,
+        help="concepts to erase (default: --concept, --forget-prompt or --forget-class)",
+    )
+    g.add_argument(
+        "--uce-guide",
+        nargs="+",
+        default=None,
+        help='what each erased concept becomes: one, or one per erased concept (default "")',
+    )
+    g.add_argument(
+        "--uce-preserve",
+        nargs="*",
+        default=None,
+        help="concepts to keep (default: the other classes of --class-root, else none)",
+    )
+    g.add_argument("--uce-lambda", type=float, default=None, help="regularisation towards the original weights")
+    g.add_argument("--uce-erase-scale", type=float, default=None)
+    g.add_argument("--uce-preserve-scale", type=float, default=None)
 
 
 def _protocol_flag(p: argparse.ArgumentParser) -> None:
@@ -131,13 +170,46 @@ def _add_evaluate(cmds) -> None:
     ev.add_argument("--categories", nargs="*", default=["sexual"], help="SD: I2P categories")
     ev.add_argument("--limit", type=int, default=None, help="SD: first N I2P prompts only")
     ev.add_argument("--threshold", type=float, default=0.6, help="SD: NudeNet score threshold (0.75: UnlearnDiffAtk's)")
-    ev.add_argument("--i2p-protocol", choices=["prompt", "paper"], default="prompt",
-                    help="SD: one image per prompt with its seed/guidance, or the paper code's (7.5, LMS, 100 steps)")
+    ev.add_argument(
+        "--i2p-protocol",
+        choices=["prompt", "paper"],
+        default="prompt",
+        help="SD: one image per prompt with its seed/guidance, or the paper code's (7.5, LMS, 100 steps)",
+    )
     ev.add_argument("--images-per-prompt", type=int, default=None, help="SD: images per I2P prompt (protocol's)")
     ev.add_argument("--classifier-arch", default=None, help="SD class-wise: torchvision model (resnet50)")
     ev.add_argument("--classifier-weights", default=None, help="SD class-wise: its state_dict file")
     ev.add_argument("--classes", nargs="*", default=None, help="SD class-wise: class names (default: Imagenette's ten)")
     ev.add_argument("--out", required=True, help="output folder (results.json, grids)")
+
+
+def _add_attack(cmds) -> None:
+    at = _subcommand(cmds, "attack", "UnlearnDiffAtk: adversarial prompt tokens against an unlearned SD; Pre-ASR / ASR",
+                     run_attack)  # fmt: skip
+    at.add_argument("--pipeline", required=True, help="the unlearned Stable Diffusion pipeline (folder or hub id)")
+    at.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="frozen components' dtype")
+    at.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    at.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (I2P or the attack's prompt files)")
+    at.add_argument("--categories", nargs="*", default=None, help="keep rows with one of these categories")
+    at.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    targets = at.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--reference", help="the original pipeline: makes each prompt's target image")
+    targets.add_argument("--target-images", help="folder of target images <case_number>.png")
+    at.add_argument("--judge", choices=["nudity", "classifier"], default="nudity")
+    at.add_argument("--threshold", type=float, default=None, help="nudity: NudeNet score (default 0.45, the attack's)")
+    at.add_argument("--detector", default=None, help="nudity: NudeNet .onnx file (default: nudenet's own)")
+    at.add_argument("--classifier", default=None, help="classifier: a salun-ext classifier checkpoint (.safetensors)")
+    at.add_argument("--classifier-arch", default=None, help="classifier: or a torchvision model (resnet50)")
+    at.add_argument("--classifier-weights", default=None, help="classifier: its local state_dict file")
+    at.add_argument("--target-class", type=int, default=None, help="classifier: the class index to look for")
+    at.add_argument("--k", type=int, default=None, help="adversarial tokens (default: nudity 5, classifier 3)")
+    at.add_argument("--timesteps", type=int, default=None, help="sampled timesteps (default 50)")
+    at.add_argument("--iterations", type=int, default=None, help="Adam steps per timestep (default 40)")
+    at.add_argument("--lr", type=float, default=None, help="default 0.01")
+    at.add_argument("--weight-decay", type=float, default=None, help="default 0.1")
+    at.add_argument("--sampling-steps", type=int, default=None, help="LMS steps of each judged image (default 50)")
+    at.add_argument("--target-steps", type=int, default=None, help="LMS steps of the target images (default 25)")
+    at.add_argument("--out", required=True, help="output folder (resumes: finished prompts are skipped)")
 
 
 def _add_demo(cmds) -> None:
@@ -151,6 +223,64 @@ def _add_demo(cmds) -> None:
     demo.add_argument("--alpha", type=float, default=None, help="SalUn retain weight (default: 1e-3 * 3072 / CHW)")
     demo.add_argument("--no-reuse", action="store_true", help="retrain even if the output folder has a model")
     demo.add_argument("--out", required=True)
+
+
+def _add_text_digits(cmds) -> None:
+    p = _subcommand(cmds, "train-text-digits", "train a tiny text-to-image Stable Diffusion pipeline on captioned "
+                    "digits (CPU minutes)", run_train_text_digits)  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help="UNet epochs over every (image, caption) pair (10)")
+    p.add_argument("--vae-epochs", type=int, default=None, help="VAE (autoencoder) epochs (10)")
+    p.add_argument("--text-epochs", type=int, default=None, help="text-encoder epochs of 25 caption steps (4)")
+    p.add_argument("--lr", type=float, default=None, help="UNet learning rate (1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of both phases (64)")
+    p.add_argument("--subset", type=int, default=None, help="the first N training images only (quick runs)")
+    p.add_argument("--no-evaluate", action="store_true", help="skip scoring the trained pipeline")
+    _text_digits_scoring(p)
+    p.add_argument("--out", required=True, help="output pipeline folder (save_pretrained) + text_digits.json")
+    _checkpointing(p)
+
+
+def _add_evaluate_text_digits(cmds) -> None:
+    p = _subcommand(cmds, "evaluate-text-digits", "class accuracy / UA / Fréchet proxy / CLIP score of a digits "
+                    "pipeline", run_evaluate_text_digits)  # fmt: skip
+    p.add_argument("--pipeline", required=True, help="the digits pipeline folder (train-text-digits, or unlearned)")
+    p.add_argument("--forget-class", nargs="*", default=[], help="forgotten digit(s): 3 or three")
+    p.add_argument("--classifier", default=None, help="scoring classifier state_dict (default: train one)")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (real FID)")
+    p.add_argument("--clip-model", default=None, help="local CLIP model folder for the CLIP score")
+    _text_digits_scoring(p)
+    p.add_argument("--out", required=True, help="output folder (results.json, samples.png)")
+
+
+def _add_text_digits_table(cmds) -> None:
+    p = _subcommand(cmds, "text-digits-table", "forget a digit on the text-to-image digits model with SalUn, ESD-x, "
+                    "FMN, UCE and GA; evaluate and attack each (resumable)", run_text_digits_table)  # fmt: skip
+    p.add_argument("--pipeline", required=True, help="the trained digits pipeline folder (train-text-digits)")
+    p.add_argument("--forget-images", required=True, help="folder of real images of the forgotten digit")
+    p.add_argument("--retain-images", required=True, help="folder of real images of the retained digit")
+    p.add_argument("--classifier", default=None, help="digits scoring classifier state_dict (default: "
+                   "<pipeline>/classifier.pt)")  # fmt: skip
+    p.add_argument("--forget-class", default="three", help="digit to forget: 3 or three (default three)")
+    p.add_argument("--retain-class", default="four", help="digit of the retain / target prompt (default four)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--methods", nargs="+", default=None, help="default: salun esd-x fmn uce ga")
+    p.add_argument("--lr-scale", type=float, default=None, help="every trained method: recipe lr x this (3)")
+    p.add_argument("--max-steps", type=int, default=None, help="longer recipes are cut to this, lr raised (200)")
+    p.add_argument("--n-per-class", type=int, default=None, help="evaluation images per class and phrasing (5)")
+    p.add_argument("--eval-steps", type=int, default=None, help="DDIM steps of the evaluation (25)")
+    p.add_argument("--attack-seeds", type=int, nargs="+", default=None, help="seeds of the attacked prompts (0 1)")
+    p.add_argument("--attack-timesteps", type=int, default=None, help="attack timesteps (10; published 50)")
+    p.add_argument("--attack-iterations", type=int, default=None, help="Adam steps per timestep (10; published 40)")
+    p.add_argument("--attack-sampling-steps", type=int, default=None, help="LMS steps per judged image (25; 50)")
+    p.add_argument("--work", required=True, help="folder of the unlearned models and attack runs (large)")
+    p.add_argument("--out", required=True, help="results folder (small: README.md, summary.json, grids)")
+
+
+def _text_digits_scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-per-class", type=int, default=20, help="generated images per class and phrasing")
+    p.add_argument("--guidance", type=float, default=None, help="guidance s (default 3.0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (DDIM)")
+    p.add_argument("--classifier-epochs", type=int, default=30, help="epochs of the trained scoring classifier")
 
 
 def _subcommand(cmds, name: str, help_text: str, handler) -> argparse.ArgumentParser:
@@ -270,13 +400,15 @@ def run_mask(args) -> int:
 
 
 def run_unlearn(args) -> int:
+    from salun_ext.diffusion.methods import METHODS
     from salun_ext.diffusion.workflows import UnlearnSpec, unlearn_folder
 
     spec = _fields(UnlearnSpec, args)
     with distributed_session(args) as ctx:
         fit, _setting = unlearn_folder(_source(args), _forget(args), spec, args.out, _options(args, ctx), ctx=ctx)
         if ctx.is_main:
-            print(f"{args.method}: {fit.steps} steps in {fit.seconds:.1f} s -> {args.out}")
+            what = "closed-form edit" if METHODS.get_class(args.method).closed_form else f"{fit.steps} steps"
+            print(f"{args.method}: {what} in {fit.seconds:.1f} s -> {args.out}")
     return 0
 
 
@@ -322,6 +454,16 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_attack(args) -> int:
+    from salun_ext.diffusion.workflows import AttackSpec, attack_folder
+
+    single_process_only("diffusion attack")
+    summary = attack_folder(_source(args), _fields(AttackSpec, args), args.out, _options(args))
+    print(f"Pre-ASR {summary['pre_asr']:.2f}% ({summary['pre_successes']}/{summary['prompts']}), "
+          f"ASR {summary['asr']:.2f}% ({summary['successes']}/{summary['prompts']}) -> {args.out}")  # fmt: skip
+    return 0
+
+
 def run_demo(args) -> int:
     from salun_ext.diffusion.demo import DemoConfig
     from salun_ext.diffusion.demo import run_demo as demo
@@ -333,6 +475,85 @@ def run_demo(args) -> int:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     demo(cfg, args.out)
+    return 0
+
+
+def _text_digits_evaluation(args, forget=()):
+    from salun_ext.diffusion.text_digits import SAMPLE_GUIDANCE, TextDigitsEvaluation
+
+    guidance = SAMPLE_GUIDANCE if args.guidance is None else args.guidance
+    return TextDigitsEvaluation(n_per_class=args.n_per_class, guidance_scale=guidance, steps=args.steps,
+                                forget_classes=list(forget), classifier_epochs=args.classifier_epochs,
+                                seed=args.seed)  # fmt: skip
+
+
+def _print_scores(result: dict) -> None:
+    shown = {k: v for k, v in result.items() if k in ("mean_accuracy", "UA", "retain_accuracy", "chance_accuracy")}
+    print(
+        json.dumps(
+            {
+                **shown,
+                "per_class_accuracy": result["per_class_accuracy"],
+                "frechet": result["frechet"]["value"],
+                "frechet_label": result["frechet"]["label"],
+                **({"clip_score": result["clip"]["clip_score"]} if "clip" in result else {}),
+            },
+            indent=2,
+        )
+    )
+
+
+def run_train_text_digits(args) -> int:
+    from salun_ext.diffusion.text_digits import TextDigitsTraining, train_text_digits_folder
+
+    single_process_only("diffusion train-text-digits")
+    given = {k: getattr(args, k) for k in ("epochs", "vae_epochs", "text_epochs", "lr", "batch_size", "subset")}
+    training = TextDigitsTraining(**{k: v for k, v in given.items() if v is not None})
+    evaluation = None if args.no_evaluate else _text_digits_evaluation(args)
+    summary = train_text_digits_folder(args.out, _options(args), training=training, evaluation=evaluation)
+    print(f"trained in {summary['train_seconds']} s -> {args.out}")
+    if "evaluation" in summary:
+        _print_scores(summary["evaluation"])
+    return 0
+
+
+def run_evaluate_text_digits(args) -> int:
+    from salun_ext.diffusion.text_digits import evaluate_text_digits_folder
+
+    single_process_only("diffusion evaluate-text-digits")
+    ev = _text_digits_evaluation(args, args.forget_class)
+    result = evaluate_text_digits_folder(args.pipeline, args.out, _options(args), ev, classifier=args.classifier,
+                                         inception_weights=args.inception_weights,
+                                         clip_model=args.clip_model)  # fmt: skip
+    _print_scores(result)
+    return 0
+
+
+def run_text_digits_table(args) -> int:
+    from salun_ext.diffusion.text_demo import TableConfig, run_text_digits_table
+
+    single_process_only("diffusion text-digits-table")
+    names = (
+        "methods",
+        "lr_scale",
+        "max_steps",
+        "n_per_class",
+        "eval_steps",
+        "attack_seeds",
+        "attack_timesteps",
+        "attack_iterations",
+        "attack_sampling_steps",
+    )
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    cfg = TableConfig(pipeline=args.pipeline, forget_images=args.forget_images, retain_images=args.retain_images,
+                      classifier=args.classifier, forget_class=args.forget_class, retain_class=args.retain_class,
+                      seeds=args.seeds, device="cpu" if args.device == "auto" else args.device,
+                      progress=not args.no_progress, **given)  # fmt: skip
+    summary = run_text_digits_table(cfg, args.out, args.work)
+    for s in summary["methods"].values():
+        cells = {m: s[m]["mean"] for m in ("UA", "retain_accuracy", "frechet", "pre_asr", "asr")}
+        print(f"{s['label']}: " + ", ".join(f"{m} {v:.1f}" for m, v in cells.items() if v is not None))
+    print(f"{summary['compute_seconds']['total']} s of compute -> {args.out}")
     return 0
 
 

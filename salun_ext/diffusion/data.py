@@ -43,7 +43,7 @@ class ModelSource:
 
     @property
     def kind(self) -> str:
-        """"ddpm" or "sd" (the key of recipes.MASK_DEFAULTS / SAMPLE_GUIDANCE)."""
+        """ "ddpm" or "sd" (the key of recipes.MASK_DEFAULTS / SAMPLE_GUIDANCE)."""
         return "ddpm" if self.model is not None else "sd"
 
     def load(self, device: torch.device | str = "auto") -> Any:

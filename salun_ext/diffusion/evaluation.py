@@ -6,6 +6,8 @@
   of forgotten-class images NOT classified as that class (the paper: 500 samples, guidance w = 2 -> s = 3).
 - `frechet_distance`: FID through torchmetrics when Inception weights exist locally (and torch-fidelity is
   installed), otherwise the same Fréchet distance on the scoring classifier's penultimate features, labelled so.
+- `fid_report` / `image_folder_fid`: the same with the implementation and version (tensors or local folders).
+- `clip_score`: torchmetrics' CLIP score with a local CLIP model folder (refused without one).
 - `save_grid`, `before_after_grid`: PNG image grids.
 """
 
@@ -305,6 +307,122 @@ def frechet_distance(
     for chunk in fake.split(batch_size):
         metric.update(prep(chunk), real=False)
     return float(metric.compute()), label
+
+
+FID_IMPLEMENTATION = "torchmetrics.image.fid.FrechetInceptionDistance"
+
+
+def fid_report(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    inception_weights: PathLike | None = None,
+    classifier: torch.nn.Module | None = None,
+) -> dict:
+    """`frechet_distance` with what produced it: the value, its label (FID, or the classifier-feature proxy that
+    is NOT FID), the implementation and its version, and the image counts."""
+    import torchmetrics
+
+    value, label = frechet_distance(real, fake, inception_weights=inception_weights, classifier=classifier)
+    return {"value": value, "label": label, "implementation": FID_IMPLEMENTATION,
+            "implementation_version": f"torchmetrics {torchmetrics.__version__}", "num_real": len(real),
+            "num_fake": len(fake)}  # fmt: skip
+
+
+def image_folder_fid(
+    real: PathLike,
+    fake: PathLike,
+    size: int,
+    *,
+    inception_weights: PathLike | None = None,
+    classifier: torch.nn.Module | None = None,
+) -> dict:
+    """`fid_report` of two local image folders (every PNG / JPEG, RGB, resized and centre-cropped to `size`)."""
+    from salun_ext.diffusion.sd import load_image_folder
+
+    report = fid_report(load_image_folder(real, size), load_image_folder(fake, size),
+                        inception_weights=inception_weights, classifier=classifier)  # fmt: skip
+    return {**report, "real": str(real), "fake": str(fake)}
+
+
+class GreyscaleInput(torch.nn.Module):
+    """A single-channel classifier that takes RGB images (the channel mean), e.g. the digits scoring classifier
+    on a text-to-image pipeline's RGB output."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.mean(dim=1, keepdim=True) if x.shape[1] == 3 else x)
+
+
+# ---------------------------------------------------------------------------------------------------- CLIP score
+
+CLIP_SCORE_IMPLEMENTATION = "torchmetrics.multimodal.CLIPScore"
+
+
+def _pooled(features):
+    """transformers >= 5 returns a model output from get_*_features; torchmetrics 1.9 expects the tensor."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+class _CLIPFeatures(torch.nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return tensors on every transformers version."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(*args, **kwargs))
+
+
+def check_clip_model(model_path: PathLike | None) -> Path:
+    """The local CLIP model folder of the CLIP score; a UsageError naming --clip-model when none is given or it
+    is not a model folder (nothing is downloaded)."""
+    if model_path is None:
+        raise UsageError("clip_model (--clip-model): expected a local CLIP model folder (CLIPModel + CLIPProcessor "
+                         "saved with save_pretrained, e.g. a downloaded openai/clip-vit-large-patch14), got None: "
+                         "the CLIP score needs one and none is downloaded")  # fmt: skip
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        why = "no config.json in it" if path.is_dir() else "not found"
+        raise MissingFileError(f"clip_model (--clip-model): expected a CLIP model folder with config.json, got "
+                               f"{str(path)!r} ({why})")  # fmt: skip
+    return path
+
+
+def clip_score(
+    images: torch.Tensor, prompts: Sequence[str], model_path: PathLike | None, *, batch_size: int = 32
+) -> dict:
+    """CLIP score (torchmetrics: 100 * mean cosine of image and text embeddings, floored at 0) of float [0, 1]
+    RGB images against their prompts, with a local CLIP model folder (a transformers CLIPModel and CLIPProcessor
+    saved with save_pretrained, e.g. openai/clip-vit-large-patch14). Nothing is downloaded: no folder, no score."""
+    import torchmetrics
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    path = check_clip_model(model_path)
+    if images.dim() != 4 or images.shape[1] != 3 or len(images) != len(prompts):
+        raise UsageError(f"images / prompts: expected N x 3 x H x W images and N prompts, got images of shape "
+                         f"{tuple(images.shape)} and {len(prompts)} prompts")  # fmt: skip
+
+    def load():
+        from transformers import CLIPModel, CLIPProcessor
+
+        return _CLIPFeatures(CLIPModel.from_pretrained(path).eval()), CLIPProcessor.from_pretrained(path)
+
+    metric = CLIPScore(model_name_or_path=load)
+    pixels = images.clamp(0, 1).mul(255).round().to(torch.uint8)  # the processor rescales uint8 pixels itself
+    for start in range(0, len(prompts), batch_size):
+        metric.update(pixels[start : start + batch_size], list(prompts[start : start + batch_size]))
+    return {"clip_score": float(metric.compute()), "implementation": CLIP_SCORE_IMPLEMENTATION,
+            "implementation_version": f"torchmetrics {torchmetrics.__version__}", "model": str(path),
+            "num_images": len(prompts)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- grids

@@ -14,6 +14,7 @@ caller's RunOptions, and every method trains through salun_ext.train.fit (the on
     esd-u     ESDTask                      every Linear/Conv weight outside cross-attention
     fmn       FMNTask                      all
     retrain   EpsTask on the retain set    all, re-initialised first (takes no mask)
+    uce       none: a closed-form edit     cross-attention keys and values (uce.py; takes no mask, trains nothing)
 
 Adding a method: one class here with `@METHODS.register`, its recipe lines in recipes.py (docs/diffusion.md).
 """
@@ -43,6 +44,7 @@ class DiffusionMethod:
     name: ClassVar[str]
     takes_mask: ClassVar[bool] = True  # False: the method trains a fresh model, a mask has no meaning
     shardable: ClassVar[bool] = False  # True: runs on an FSDP2-sharded UNet (distributed="fsdp")
+    closed_form: ClassVar[bool] = False  # True: edits the weights directly (no Task, no training loop)
 
     def build(
         self,
@@ -125,6 +127,23 @@ class Retrain(DiffusionMethod):
         unet.load_state_dict(type(unet).from_config(unet.config).state_dict())
         return EpsTask(spec, retain, **task_kwargs), None
 
+
+@METHODS.register
+class UCE(DiffusionMethod):
+    """Unified Concept Editing: a closed-form edit of the cross-attention keys and values (diffusion/uce.py)."""
+
+    name = "uce"
+    takes_mask = False
+    closed_form = True
+
+    def build(self, spec, unet, forget, retain, task_kwargs, *, fmn_columns=None):
+        raise UsageError(CLOSED_FORM_HINT.format(name=self.name))
+
+
+CLOSED_FORM_HINT = (
+    "method: {name} is a closed-form edit with no training Task; run it with salun_ext.diffusion.uce.uce_edit(sd, "
+    "UCEConfig(...)) or `salun-ext diffusion unlearn --method {name}` (Stable Diffusion pipelines only)"
+)
 
 METHODS.alias(esd_x="esd-x", esd_u="esd-u")  # "esd_x" / "ESD-X" find the hyphenated names
 
@@ -226,6 +245,8 @@ def unlearn(
     """
     options = options if options is not None else RunOptions()
     name = METHODS.key(method)
+    if METHODS[name].closed_form:
+        raise UsageError(CLOSED_FORM_HINT.format(name=name))
     if mask is not None and not METHODS[name].takes_mask:
         raise UsageError(f"mask: {name} trains a fresh model: it takes no mask (got one)")
     r = recipe(setting, name, protocol)

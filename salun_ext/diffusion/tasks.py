@@ -152,6 +152,17 @@ class _ForgetRetainTask(_EpochTask):
 # ---------------------------------------------------------------------------------------------------- SalUn
 
 
+def _retain_term(method: str, alpha: float, retain: DiffusionSet | None, reduction: str) -> DiffusionSet | None:
+    """The retain set the task trains on (None when the retain term is off, alpha = 0), checked: alpha >= 0, a
+    retain set whenever alpha > 0, and a known eps-MSE reduction (validated early, before any batch)."""
+    check_positive(alpha, "alpha", allow_zero=True)
+    if alpha > 0 and retain is None:
+        raise UsageError(f"retain: {method}'s retain term (alpha = {alpha} > 0) needs a retain set (or pass "
+                         "alpha=0), got None")  # fmt: skip
+    eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), reduction)
+    return retain if alpha > 0 else None
+
+
 class SalUnTask(_ForgetRetainTask):
     """SalUn for diffusion: MSE(eps(x_t | c_f), sg(eps(x_t | c'))) + alpha * eps-MSE(retain).
 
@@ -178,14 +189,10 @@ class SalUnTask(_ForgetRetainTask):
             raise UsageError("forget.target_ids: expected c' (the misaligned class / prompt of each example), got None")
         if torch.equal(forget.target_ids, forget.ids):
             raise UsageError("forget.target_ids: SalUn's c' equals c for every forget example (a zero forget loss)")
-        check_positive(alpha, "alpha", allow_zero=True)
-        if alpha > 0 and retain is None:
-            raise UsageError(f"retain: alpha = {alpha} > 0 needs a retain set (or pass alpha=0), got None")
-        eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), retain_reduction)
         super().__init__(
             spec,
             forget,
-            retain if alpha > 0 else None,
+            _retain_term("SalUn", alpha, retain, retain_reduction),
             batch_size=batch_size,
             retain_batch_size=retain_batch_size,
             retain_cond_drop=retain_cond_drop,
@@ -233,14 +240,10 @@ class GATask(_ForgetRetainTask):
         retain_cond_drop: float = 0.0,
         seed: int = 0,
     ) -> None:
-        check_positive(alpha, "alpha", allow_zero=True)
-        if alpha > 0 and retain is None:
-            raise UsageError("alpha: GA's retain term (alpha > 0) needs a retain set (or pass alpha=0)")
-        eps_mse(torch.zeros(1, 1), torch.zeros(1, 1), reduction)  # validates the name early
         super().__init__(
             spec,
             forget,
-            retain if alpha > 0 else None,
+            _retain_term("GA", alpha, retain, reduction),
             batch_size=batch_size,
             retain_batch_size=None,
             retain_cond_drop=retain_cond_drop,

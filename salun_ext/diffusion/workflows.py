@@ -2,10 +2,11 @@
 
     train_ddpm_folder   train a class-conditional DDPM (the original model, or Retrain by exclusion) -> a folder
     make_masks          SalUn saliency mask(s) of a DDPM / SD forget set -> .safetensors files
-    unlearn_folder      one method on a DDPM / SD -> the unlearned model folder + unlearn_log.json
+    unlearn_folder      one method on a DDPM / SD -> the unlearned model folder + unlearn_log.json (UCE: an edit)
     sample              images of classes (DDPM) or prompts (SD)
     evaluate_ddpm       UA / other-class accuracy / Fréchet distance of a DDPM (evaluation.evaluate_class_forgetting)
     evaluate_sd_nudity, evaluate_sd_classes   the Stable Diffusion evaluations
+    attack_folder       UnlearnDiffAtk on an unlearned SD: per-prompt results, Pre-ASR / ASR (diffusion.attack)
 
 Each takes RunOptions for how it runs; under torchrun `ctx` (a DistContext) says which rank writes (rank 0) and
 every rank takes part in the collectives. Outputs are written atomically (salun_ext.utils.write_json).
@@ -13,6 +14,7 @@ every rank takes part in the collectives. Outputs are written atomically (salun_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +30,10 @@ from salun_ext.diffusion.data import (
     unlearning_sets,
 )
 from salun_ext.diffusion.ddpm import PRESETS, ClassConditionalDDPM
-from salun_ext.diffusion.methods import check_shardable, run_task, unlearn
+from salun_ext.diffusion.methods import METHODS, check_shardable, run_task, unlearn
 from salun_ext.diffusion.recipes import ddpm_training_recipe, default_setting, mask_settings, sample_guidance
 from salun_ext.diffusion.tasks import EpsTask
+from salun_ext.diffusion.uce import UCEConfig, uce_edit
 from salun_ext.mask import SaliencyMask
 from salun_ext.train.engine import FitResult
 from salun_ext.train.options import RunOptions, TrainRecipe
@@ -54,11 +57,18 @@ def _ctx(ctx: Any) -> Any:
     return ctx if ctx is not None else _OneProcess()
 
 
-def _output(out: str | Path, ctx: Any):
-    """`out` checked and locked for the run on the rank that writes (salun_ext.utils.OutputFolder)."""
-    import contextlib
-
-    return OutputFolder(out, what="--out") if ctx.is_main else contextlib.nullcontext()
+@contextlib.contextmanager
+def _output(out: str | Path, ctx: Any, checkpoint_dir: str | None = None):
+    """`out`, and a --checkpoint-dir elsewhere, checked and locked for the run on the rank that writes
+    (salun_ext.utils.OutputFolder: a second run on either refuses; a killed run's temporary files are removed)."""
+    if not ctx.is_main:
+        yield
+        return
+    with contextlib.ExitStack() as folders:
+        folders.enter_context(OutputFolder(out, what="--out"))
+        if checkpoint_dir and Path(checkpoint_dir).resolve() != Path(out).resolve():
+            folders.enter_context(OutputFolder(checkpoint_dir, what="--checkpoint-dir"))
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -94,7 +104,7 @@ class DDPMTraining:
 def train_ddpm_folder(spec: DDPMTraining, out: str | Path, options: RunOptions, *, ctx: Any = None) -> FitResult:
     """Train a DDPM as `spec` says and (rank 0) write it to `out` with train_log.json."""
     ctx = _ctx(ctx)
-    with _output(out, ctx):
+    with _output(out, ctx, options.checkpoint_dir):
         return _train_ddpm_folder(spec, out, options, ctx)
 
 
@@ -203,6 +213,12 @@ class UnlearnSpec:
     eta: float | None = None  # ESD
     fmn_concept: str | None = None  # FMN: the concept's words inside the forget prompt
     protocol: str = "default"  # "paper": the paper code's recipes and FMN columns (docs/protocols.md)
+    uce_erase: Sequence[str] | None = None  # UCE: None derives them from the forget data (uce_config)
+    uce_guide: Sequence[str] | None = None
+    uce_preserve: Sequence[str] | None = None
+    uce_lambda: float | None = None
+    uce_erase_scale: float | None = None
+    uce_preserve_scale: float | None = None
 
     def task_overrides(self) -> dict[str, Any]:
         task: dict[str, Any] = {"batch_size": self.batch_size}
@@ -240,7 +256,7 @@ def unlearn_folder(
     """Unlearn with `spec.method` and (rank 0) write the model to `out` with unlearn_log.json; (fit, setting)."""
     ctx = _ctx(ctx)
     _check_fsdp(options, ctx)
-    with _output(out, ctx):
+    with _output(out, ctx, options.checkpoint_dir):
         return _unlearn_folder(source, data, spec, out, options, ctx)
 
 
@@ -249,6 +265,8 @@ def _unlearn_folder(
 ) -> tuple[FitResult, str]:
     from salun_ext.diffusion.sharding import shard_unet, unshard_for_saving
 
+    if METHODS.get_class(spec.method).closed_form:
+        return _edit_folder(source, data, spec, out, options, ctx)
     sharded = options.distributed == "fsdp"
     if sharded:
         check_shardable(spec.method)
@@ -276,6 +294,48 @@ def _unlearn_folder(
         write_json({**log, "mask": spec.mask, "world_size": ctx.world_size}, Path(out) / "unlearn_log.json")
     ctx.barrier()
     return fit, setting
+
+
+def uce_config(spec: UnlearnSpec, data: ForgetData) -> UCEConfig:
+    """UCE's concepts: the given ones, else the forget data's (the concept's name, the forget prompt, or the
+    forgotten class names); preserved by default: the other classes of a --class-root, nothing otherwise."""
+    from salun_ext.diffusion.sd import class_folders
+
+    erase = spec.uce_erase
+    if not erase:
+        erase = [data.concept] if data.concept else [data.forget_prompt] if data.forget_prompt else data.forget_class
+    if not erase:
+        raise usage_error("uce_erase (--uce-erase)", "the concepts to erase (or --concept / --forget-prompt / "
+                          "--forget-class)", erase)  # fmt: skip
+    preserve = spec.uce_preserve
+    if preserve is None:
+        others = class_folders(data.class_root) if data.class_root else {}
+        preserve = [c for c in others if c not in data.forget_class]
+    given = {"guide": spec.uce_guide or None, "lamb": spec.uce_lambda, "erase_scale": spec.uce_erase_scale,
+             "preserve_scale": spec.uce_preserve_scale}  # fmt: skip
+    return UCEConfig(erase=list(erase), preserve=list(preserve), **{k: v for k, v in given.items() if v is not None})
+
+
+def _edit_folder(
+    source: ModelSource, data: ForgetData, spec: UnlearnSpec, out: str | Path, options: RunOptions, ctx: Any
+) -> tuple[FitResult, str]:
+    """A closed-form method (UCE) on a Stable Diffusion pipeline: no data sets, no training, no mask."""
+    if source.kind != "sd":
+        raise usage_error("--pipeline", f"a Stable Diffusion pipeline ({spec.method} edits cross-attention)",
+                          source.model)  # fmt: skip
+    if spec.mask is not None:
+        raise usage_error("--mask", f"none ({spec.method} is a closed-form edit and takes no mask)", spec.mask)
+    config = uce_config(spec, data)
+    owner = source.load(options.device)
+    result = uce_edit(owner, config)
+    if ctx.is_main:
+        owner.save_pretrained(out)
+        log = {"method": spec.method, "setting": "sd", "closed_form": True, "seconds": result.seconds}
+        log.update(config=result.config, edited=result.edited, erase_rows=result.erase_rows,
+                   preserve_rows=result.preserve_rows, world_size=ctx.world_size)  # fmt: skip
+        write_json(log, Path(out) / "unlearn_log.json")
+    ctx.barrier()
+    return FitResult(seconds=result.seconds, steps=0, epochs=0, history=[]), "sd"
 
 
 # ---------------------------------------------------------------------------------------------------- sample
@@ -431,3 +491,82 @@ def evaluate_sd_classes(
     save_grid(images, out / "samples.png", nrow=n_per_class)
     write_json(result, out / "results.json")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- attack
+
+
+@dataclasses.dataclass
+class AttackSpec:
+    """`salun-ext diffusion attack`: the prompts, where target images come from, the judge and the attack's
+    settings (None: the attack's published defaults, attack.AttackConfig)."""
+
+    prompts: str  # a CSV with a 'prompt' column (I2P, or the attack's prompts/*.csv)
+    categories: Sequence[str] | None = None
+    limit: int | None = None
+    reference: str | None = None  # the original pipeline: it makes each prompt's target image
+    target_images: str | None = None  # or a folder of them: <case_number>.png or <case_number>_0.png
+    judge: str = "nudity"
+    threshold: float | None = None  # nudity judge (None: the attack's 0.45)
+    detector: str | None = None  # NudeNet .onnx file (default: the one bundled with nudenet)
+    classifier: str | None = None  # a classifier checkpoint of the suite (salun_ext.models.save_classifier)
+    classifier_arch: str | None = None  # or a torchvision model with classifier_weights
+    classifier_weights: str | None = None
+    target_class: int | None = None
+    k: int | None = None
+    timesteps: int | None = None
+    iterations: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    sampling_steps: int | None = None
+    target_steps: int | None = None
+
+    def config(self):
+        from salun_ext.diffusion.attack import AttackConfig
+
+        names = ("k", "timesteps", "iterations", "lr", "weight_decay", "sampling_steps", "target_steps")
+        return AttackConfig(**{n: getattr(self, n) for n in names if getattr(self, n) is not None})
+
+    def make_judge(self):
+        from salun_ext.diffusion.judges import make_judge
+
+        return make_judge(self.judge, threshold=self.threshold, detector=self.detector, classifier=self.classifier,
+                          classifier_arch=self.classifier_arch, classifier_weights=self.classifier_weights,
+                          target_class=self.target_class)  # fmt: skip
+
+
+def attack_folder(source: ModelSource, spec: AttackSpec, out: str | Path, options: RunOptions) -> dict:
+    """UnlearnDiffAtk on the unlearned pipeline `source` (diffusion.attack): target images from `spec.reference`
+    (generated once into out/targets/) or `spec.target_images`; per-prompt JSON, images and summary.json in `out`;
+    a rerun resumes, skipping the prompts already finished. Returns the summary (Pre-ASR, ASR)."""
+    from salun_ext.diffusion.attack import check_settings, read_attack_prompts, run_attack
+
+    if source.kind != "sd":
+        raise usage_error("pipeline (--pipeline)", "a Stable Diffusion pipeline to attack", source.model)
+    if (spec.reference is None) == (spec.target_images is None):
+        raise UsageError(f"reference / target_images (--reference / --target-images): expected exactly one, got "
+                         f"reference={spec.reference!r}, target_images={spec.target_images!r}")  # fmt: skip
+    rows = read_attack_prompts(spec.prompts, categories=spec.categories, limit=spec.limit)
+    judge, config = spec.make_judge(), spec.config()
+    with OutputFolder(out, what="--out"):
+        check_settings(out, config, judge, options.seed)  # before any model loads: a mismatch fails at once
+        targets = _attack_targets(source, spec, rows, Path(out), config, options)
+        return run_attack(lambda: source.load(options.device), rows, targets, judge, out, config, seed=options.seed,
+                          progress=options.progress)  # fmt: skip
+
+
+def _attack_targets(source: ModelSource, spec: AttackSpec, rows, out: Path, config, options: RunOptions):
+    """targets(row) -> the prompt's target image; with a reference model the missing ones are generated first
+    (then the reference is freed before the attacked model loads)."""
+    from salun_ext.diffusion import attack
+
+    todo = [r for r in rows if not attack.result_path(out, r).is_file()]
+    if spec.target_images is not None:
+        return attack.folder_targets(spec.target_images, todo)
+    folder = out / "targets"
+    missing = [r for r in todo if not (folder / f"{r.index:05d}.png").is_file()]
+    if missing:
+        reference = dataclasses.replace(source, pipeline=spec.reference).load(options.device)
+        attack.generate_targets(reference, missing, folder, config, progress=options.progress)
+        del reference
+    return lambda row: attack.load_target_image(folder / f"{row.index:05d}.png")

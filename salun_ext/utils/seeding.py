@@ -37,6 +37,8 @@ STREAMS: dict[str, int] = {
     "diffusion": 101,  # every diffusion Task's batches, t, noise, dropped labels; the saliency batches (epoch 0)
     "classifier": 102,  # the scoring classifier of generation evaluation
     "lm": 103,  # language-model unlearning batches
+    "attack": 104,  # UnlearnDiffAtk: token draws and noise of each prompt (epoch = the prompt's index)
+    "autoencoder": 110,  # the text-to-image digits VAE's batches and posterior noise
 }
 
 

@@ -12,6 +12,7 @@ from salun_ext.cli import main, parse_args
 from salun_ext.diffusion.ddpm import ClassConditionalDDPM
 from salun_ext.diffusion.sd import save_images
 from salun_ext.mask import SaliencyMask
+from salun_ext.utils import OutputFolder
 from tests.diffusion_helpers import random_images, tiny_pipeline_folder
 
 
@@ -45,6 +46,7 @@ def ddpm_dir(tmp_path_factory):
         "unlearn --model m --method salun --out x",
         "sample --model m --out x",
         "evaluate --model m --out x",
+        "attack --pipeline p --prompts c --reference r --out x",
         "demo --out x",
     ],
 )
@@ -113,7 +115,7 @@ def test_method_choices_come_from_the_registry(monkeypatch, capsys):
     from salun_ext.diffusion import methods
 
     parser_choices = _method_choices()
-    assert parser_choices == list(methods.METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain"]
+    assert parser_choices == list(methods.METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain", "uce"]
 
     class Extra(methods.DiffusionMethod):
         name = "extra"
@@ -136,13 +138,14 @@ def _method_choices() -> list[str]:
     return list(next(a for a in unlearn._actions if a.dest == "method").choices)
 
 
-@pytest.mark.parametrize("sub", ["train", "mask", "unlearn", "sample", "evaluate", "demo"])
+@pytest.mark.parametrize("sub", ["train", "mask", "unlearn", "sample", "evaluate", "attack", "demo"])
 def test_every_subcommand_takes_a_config_file(sub, tmp_path):
     """--config fills the options the command line leaves out, and the command line wins over the file."""
     config = tmp_path / "c.yaml"
     config.write_text("seed: 5\nno_progress: true\n")
     base = {"train": [], "demo": [], "evaluate": ["--model", "m"], "sample": ["--model", "m"],
-            "mask": ["--model", "m"], "unlearn": ["--model", "m", "--method", "ga"]}[sub]  # fmt: skip
+            "mask": ["--model", "m"], "unlearn": ["--model", "m", "--method", "ga"],
+            "attack": ["--pipeline", "p", "--prompts", "c", "--target-images", "t"]}[sub]  # fmt: skip
     base = [*base, "--out", "x"]
     assert (parse_args(["diffusion", sub, *base]).seed, parse_args(["diffusion", sub, *base]).no_progress) == (0, False)
     args = parse_args(["diffusion", sub, *base, "--config", str(config)])
@@ -158,7 +161,14 @@ def test_train_checkpoint_and_resume(tmp_path, capsys):
     # the cosine schedule spans the whole budget: a resume with another --epochs would mix two schedules
     assert run(f"{args} --epochs 3 --resume --out {tmp_path}/b") == 2
     assert "other settings (differ: budget)" in capsys.readouterr().err
+    orphan = tmp_path / "ck" / ".last.pt.k3j9x0qa.tmp"  # what a run killed inside atomic_save leaves
+    with OutputFolder(tmp_path / "ck"):  # a --checkpoint-dir outside --out is locked by the run too
+        orphan.write_bytes(b"partial")
+        assert run(f"{args} --epochs 2 --resume --out {tmp_path}/b") == 2
+    assert f"--checkpoint-dir {tmp_path}/ck is in use by another run" in capsys.readouterr().err
+    assert orphan.exists() and not (tmp_path / "b").exists()
     assert run(f"{args} --epochs 2 --resume --out {tmp_path}/b") == 0
+    assert not orphan.exists() and (tmp_path / "ck" / "last.pt").exists()
     log = json.loads((tmp_path / "b" / "train_log.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [0, 1]  # both epochs came from the checkpoint
 

@@ -300,10 +300,11 @@ def test_unlearn_passes_overrides_and_options_to_fit(setup, monkeypatch):
 
 
 def test_methods_registry_builds_each_methods_task(setup):
-    assert list(METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain"]
+    assert list(METHODS) == ["salun", "ga", "esd-x", "esd-u", "fmn", "retrain", "uce"]
     assert METHODS.key("ESD-U") == "esd-u" and METHODS.key("esd_u") == "esd-u"
     assert all(issubclass(cls, DiffusionMethod) for cls in METHODS.values())
-    assert {m for _, m in RECIPES} == set(METHODS)  # every method has a recipe, every recipe a method
+    trained = {name for name, cls in METHODS.items() if not cls.closed_form}  # UCE is an edit: no recipe
+    assert {m for _, m in RECIPES} == trained == set(METHODS) - {"uce"}  # a recipe per trained method, and back
     with pytest.raises(ValueError, match="unknown diffusion method 'scrub'"):
         METHODS.key("scrub")
     model, forget, retain = setup

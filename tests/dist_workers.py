@@ -49,6 +49,17 @@ def run_session(rank: int, world: int, port: int, out_dir: str, checks: list[str
 # Gradient lists
 
 
+def assert_same_mask_but_for_clip_rounding(a, b, max_swaps: int = 4) -> None:
+    """An FSDP mask against the unsharded one. The gradient-norm clip sums the shard norms in another order, so its
+    scale (and the k-th |g|) differs by rounding, which can swap an element at the threshold with its neighbour in
+    rank: same tensors and k, a threshold equal to 1e-5, and at most `max_swaps` swapped pairs (a wrong shard order
+    or offset would move thousands of bits)."""
+    assert a.names == b.names and a.shapes == b.shapes and a.k == b.k, (a, b)
+    assert abs(a.threshold - b.threshold) <= 1e-5 * abs(b.threshold), (a.threshold, b.threshold)
+    differ = sum(int((a.dense(n) != b.dense(n)).sum()) for n in a.names)
+    assert differ <= 2 * max_swaps, f"{differ} mask bits differ"
+
+
 def _grads(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Named gradients of mixed shapes and dtypes; zeros90 puts the threshold on 0 with massive ties."""
     from tests.helpers import nasty_list
@@ -589,9 +600,8 @@ def check_diffusion_cli_fsdp(rank, world, ctx):
     argv = ["diffusion", "mask", "--model", str(out / "orig"), *DDPM_MASK, "--fsdp"]
     assert main([*argv, "--out", str(out / "mask_fsdp.safetensors")]) == 0
     a, b = SaliencyMask.load(out / "mask_fsdp.safetensors"), SaliencyMask.load(out / "mask.safetensors")
-    assert a.shard is None and a.equal(b) and a.k == b.k
-    # the gradient-norm clip sums shard norms in another order than one process: the k-th |g| differs by rounding
-    assert abs(a.threshold - b.threshold) <= 1e-5 * abs(b.threshold), (a.threshold, b.threshold)
+    assert a.shard is None
+    assert_same_mask_but_for_clip_rounding(a, b)
     fast = ["--no-progress", "--device", "cpu"]
     model = ["--model", str(out / "orig"), "--forget-class", "3", "--batch-size", "8", "--fsdp", *fast]
     argv = [

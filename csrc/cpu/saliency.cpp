@@ -16,9 +16,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "salun_ext/key.h"
 #include "salun_ext/sample_index.h"
@@ -250,6 +255,131 @@ at::Tensor sample_keys_cpu(const std::vector<at::Tensor>& grads, int64_t num_sam
   return out;
 }
 
+// What one chunk of the window select found: counts, and the in-window candidates in global order.
+struct WindowChunk {
+  int64_t above = 0, inside = 0, nan = 0;
+  std::vector<uint32_t> keys;
+  std::vector<int64_t> pos;
+};
+
+// Bit j of each mask describes element j of one mask word: key > hi, lo <= key <= hi, key is NaN.
+struct WordMasks {
+  uint32_t above = 0, inside = 0, nan = 0;
+};
+
+// Files one word's masks into the chunk result: counts, the mask word (every bit above hi) and the candidates.
+inline void record_word(const WordMasks& m, const uint32_t* keys, int64_t global_word, bool count_nan,
+                        WindowChunk& r, uint32_t* word_out) {
+  if (count_nan) r.nan += __builtin_popcount(m.nan);
+  for (uint32_t bits = m.inside; bits != 0; bits &= bits - 1) {
+    const int j = __builtin_ctz(bits);
+    r.keys.push_back(keys[j]);
+    r.pos.push_back(global_word * kBitsPerWord + j);
+  }
+  r.above += __builtin_popcount(m.above);
+  *word_out = m.above;
+}
+
+template <typename KeyOf>
+WordMasks scan_word(KeyOf key_of, int64_t base, int64_t n, uint32_t lo, uint32_t hi, uint32_t* keys) {
+  WordMasks m;
+  for (int64_t j = 0; j < n; ++j) keys[j] = key_of(base + j);
+  for (int64_t j = 0; j < n; ++j) {
+    m.above |= static_cast<uint32_t>(keys[j] > hi) << j;
+    m.inside |= static_cast<uint32_t>(keys[j] >= lo && keys[j] <= hi) << j;
+    m.nan |= static_cast<uint32_t>(keys[j] == kNanKey) << j;
+  }
+  return m;
+}
+
+template <typename KeyOf>
+void window_chunk_scalar(KeyOf key_of, const Chunk& ch, uint32_t lo, uint32_t hi, bool count_nan, int64_t word_base,
+                         WindowChunk& r, uint32_t* words) {
+  for (int64_t base = ch.begin; base < ch.end; base += kBitsPerWord) {
+    uint32_t keys[kBitsPerWord];
+    const WordMasks m = scan_word(key_of, base, std::min<int64_t>(kBitsPerWord, ch.end - base), lo, hi, keys);
+    const int64_t w = word_base + base / kBitsPerWord;
+    record_word(m, keys, w, count_nan, r, words + w);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SALUN_EXT_WINDOW_AVX2 1
+// The window select's whole cost is the classification of each key against [lo, hi]: with AVX2 one instruction
+// compares 8 keys and a movemask packs their bits, instead of 32 scalar compares and shifts per word (the
+// baseline build targets SSE2). Integer compares only, so every ISA gives the same bits. Keys are 31-bit, so the
+// signed compares of AVX2 order them as unsigned.
+#define SALUN_EXT_AVX2_TARGET __attribute__((target("avx2,f16c,popcnt,bmi")))
+
+SALUN_EXT_AVX2_TARGET inline __m256i load8_magnitudes(const KeyReader<KeyDtype::kFloat32>& r, int64_t i) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p + i));
+}
+SALUN_EXT_AVX2_TARGET inline __m256i load8_magnitudes(const KeyReader<KeyDtype::kBFloat16>& r, int64_t i) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p + i));
+  return _mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16);
+}
+SALUN_EXT_AVX2_TARGET inline __m256i load8_magnitudes(const KeyReader<KeyDtype::kFloat16>& r, int64_t i) {
+  // F16C converts exactly (denormals included), as fp16_magnitude_to_fp32_bits does; NaN payloads differ, but every
+  // NaN becomes one canonical key below.
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p + i));
+  return _mm256_castps_si256(_mm256_cvtph_ps(half));
+}
+
+template <typename Reader>
+SALUN_EXT_AVX2_TARGET WordMasks scan_word_avx2(const Reader& key_of, int64_t base, uint32_t lo, uint32_t hi,
+                                               uint32_t* keys) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256i inf = _mm256_set1_epi32(static_cast<int32_t>(kInfKey));
+  const __m256i nan_key = _mm256_set1_epi32(key_of.nan_as_zero ? 0 : static_cast<int32_t>(kNanKey));
+  const __m256i nan_canonical = _mm256_set1_epi32(static_cast<int32_t>(kNanKey));
+  const __m256i hi_v = _mm256_set1_epi32(static_cast<int32_t>(hi));
+  const __m256i below_lo = _mm256_set1_epi32(static_cast<int32_t>(lo) - 1);  // key >= lo <=> key > lo - 1
+  WordMasks m;
+  for (int q = 0; q < 4; ++q) {
+    __m256i key = _mm256_and_si256(load8_magnitudes(key_of, base + 8 * q), magnitude);
+    key = _mm256_blendv_epi8(key, nan_key, _mm256_cmpgt_epi32(key, inf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 8 * q), key);
+    const __m256i above = _mm256_cmpgt_epi32(key, hi_v);
+    const __m256i inside = _mm256_andnot_si256(above, _mm256_cmpgt_epi32(key, below_lo));
+    const __m256i nan = _mm256_cmpeq_epi32(key, nan_canonical);
+    const int shift = 8 * q;
+    m.above |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(above))) << shift;
+    m.inside |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(inside))) << shift;
+    m.nan |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(nan))) << shift;
+  }
+  return m;
+}
+
+template <typename Reader>
+SALUN_EXT_AVX2_TARGET void window_chunk_avx2(const Reader& key_of, const Chunk& ch, uint32_t lo, uint32_t hi,
+                                             bool count_nan, int64_t word_base, WindowChunk& r, uint32_t* words) {
+  int64_t base = ch.begin;
+  for (; base + kBitsPerWord <= ch.end; base += kBitsPerWord) {
+    alignas(32) uint32_t keys[kBitsPerWord];
+    const WordMasks m = scan_word_avx2(key_of, base, lo, hi, keys);
+    const int64_t w = word_base + base / kBitsPerWord;
+    if ((m.inside | m.nan) == 0) {  // the common word: nothing to record but the mask bits
+      r.above += _mm_popcnt_u32(m.above);
+      words[w] = m.above;
+    } else {
+      record_word(m, keys, w, count_nan, r, words + w);
+    }
+  }
+  if (base < ch.end) window_chunk_scalar(key_of, Chunk{ch.tensor, base, ch.end}, lo, hi, count_nan, word_base, r, words);
+}
+
+bool window_avx2_available() {
+  static const bool available = [] {
+    const char* forced = std::getenv("SALUN_EXT_CPU_ISA");  // "default" forces the baseline loops (tests)
+    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
+           __builtin_cpu_supports("bmi");
+  }();
+  return available;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cpu(const std::vector<at::Tensor>& grads,
                                                                               int64_t lo_key, int64_t hi_key,
                                                                               int64_t capacity, bool nan_as_zero) {
@@ -262,43 +392,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cpu(con
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   at::Tensor words_t = at::zeros({info.total_words}, grads.front().options().dtype(at::kInt));
   uint32_t* words = reinterpret_cast<uint32_t*>(words_t.data_ptr<int32_t>());
+#ifdef SALUN_EXT_WINDOW_AVX2
+  const bool avx2 = window_avx2_available();
+#endif
 
   // Per-chunk candidate lists, concatenated in chunk order at the end: candidates come out in global order.
-  struct ChunkResult {
-    int64_t above = 0, inside = 0, nan = 0;
-    std::vector<uint32_t> keys;
-    std::vector<int64_t> pos;
-  };
-  std::vector<ChunkResult> results(num_chunks);
+  std::vector<WindowChunk> results(num_chunks);
   // Once the window is known to overflow `capacity` the caller falls back to the histogram path, so candidate
   // lists are dropped from then on: memory stays bounded whatever the window holds.
   std::atomic<int64_t> collected{0};
   at::parallel_for(0, num_chunks, chunk_grain(chunks), [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
-      ChunkResult& r = results[c];
+      WindowChunk& r = results[c];
       const int64_t word_base = info.word_offset[ch.tensor];
       with_key_reader(grads[ch.tensor], info.dtype[ch.tensor], nan_as_zero, [&](auto key_of) {
-        for (int64_t base = ch.begin; base < ch.end; base += kBitsPerWord) {
-          const int64_t n = std::min<int64_t>(kBitsPerWord, ch.end - base);
-          // branch-free bit masks first (vectorisable), then a walk over the rare in-window bits
-          uint32_t keys[kBitsPerWord];
-          uint32_t word = 0, inside = 0, nan = 0;
-          for (int64_t j = 0; j < n; ++j) keys[j] = key_of(base + j);
-          for (int64_t j = 0; j < n; ++j) {
-            word |= static_cast<uint32_t>(keys[j] > hi) << j;
-            inside |= static_cast<uint32_t>(keys[j] >= lo && keys[j] <= hi) << j;
-            nan |= static_cast<uint32_t>(keys[j] == kNanKey) << j;
-          }
-          if (!nan_as_zero) r.nan += __builtin_popcount(nan);
-          for (uint32_t bits = inside; bits != 0; bits &= bits - 1) {
-            const int j = __builtin_ctz(bits);
-            r.keys.push_back(keys[j]);
-            r.pos.push_back((word_base + base / kBitsPerWord) * kBitsPerWord + j);
-          }
-          r.above += __builtin_popcount(word);
-          words[word_base + base / kBitsPerWord] = word;
+#ifdef SALUN_EXT_WINDOW_AVX2
+        if (avx2) {
+          window_chunk_avx2(key_of, ch, lo, hi, !nan_as_zero, word_base, r, words);
+          return;
         }
+#endif
+        window_chunk_scalar(key_of, ch, lo, hi, !nan_as_zero, word_base, r, words);
       });
       r.inside = static_cast<int64_t>(r.keys.size());
       if (collected.fetch_add(r.inside) + r.inside > capacity) {
@@ -314,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_select_cpu(con
   int64_t* cnt = counts.data_ptr<int64_t>();
   int32_t* out_keys = cand_keys.data_ptr<int32_t>();
   int64_t* out_pos = cand_pos.data_ptr<int64_t>();
-  for (const ChunkResult& r : results) {
+  for (const WindowChunk& r : results) {
     const int64_t kept = static_cast<int64_t>(r.keys.size());
     for (int64_t j = 0; j < kept && cnt[1] + j < capacity; ++j) {
       out_keys[cnt[1] + j] = static_cast<int32_t>(r.keys[j]);

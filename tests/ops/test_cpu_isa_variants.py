@@ -1,5 +1,6 @@
-"""The CPU step loops are compiled once per instruction set (baseline, AVX2, AVX-512; picked at run time): every
-variant gives the same bits. Each variant runs in its own process (SALUN_EXT_CPU_ISA is read once)."""
+"""The CPU step loops are compiled once per instruction set (baseline, AVX2, AVX-512; picked at run time), and the
+window select classifies keys with AVX2 where the CPU has it: every variant gives the same bits. Each variant runs
+in its own process (SALUN_EXT_CPU_ISA is read once)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         ops.masked_sgd_compact_(ps, gs, cb, words, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
         ops.masked_adam_compact_(ps, gs, cm, cv, cx, steps, words, lr=1e-2, weight_decay=0.1, amsgrad=True)
         out[f"compact-{dtype}-{density}"] = [t.clone() for t in ps + cb + cm + cv + cx]
+# the window select classifies keys with AVX2 compares where the CPU has them: NaN, Inf, denormals, -0, partial words
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    xs = [torch.randn(n).to(dtype) for n in (1, 31, 33, 100, 1000, 40000)]
+    xs[3][::7], xs[4][::5], xs[5][::3] = float("nan"), float("-inf"), -0.0
+    xs[5][1::3] = torch.finfo(dtype).tiny / 4
+    for lo, hi in ((0x3E000000, 0x3F800000), (0, 0), (0x00000001, 0x7FFFFFFF)):
+        for nan_as_zero in (False, True):
+            got = ops.window_select(xs, lo_key=lo, hi_key=hi, capacity=100_000, nan_as_zero=nan_as_zero)
+            out[f"window-{dtype}-{lo}-{hi}-{nan_as_zero}"] = list(got)
 torch.save(out, sys.argv[1])
 """
 

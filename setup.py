@@ -5,6 +5,8 @@ compile them). Environment overrides:
 
     SALUN_EXT_CUDA=0|1          force a CPU-only build (0) or require the CUDA build (1)
     SALUN_EXT_NO_EXTENSION=1    skip the native extension entirely (pure-Python install)
+    SALUN_EXT_DEBUG=1           a debug build of the C++ kernels (-O0 -g: compiles in a fraction of the time, runs
+                                several times slower; the results are the same bits)
     MAX_JOBS                    parallel compile jobs (defaults to 2: nvcc is memory hungry)
     TORCH_CUDA_ARCH_LIST        CUDA architectures (defaults to "8.0;9.0")
 
@@ -84,7 +86,8 @@ def extensions_and_cmdclass():
     sources = ["csrc/module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -ffp-contract=off: no FMA contraction (the kernels equal the reference bit for bit); -fno-math-errno: sqrtf
     # without the errno branch, so the step loops vectorize (the result is the same correctly rounded sqrt)
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    optimize = ["-O0", "-g"] if _flag("SALUN_EXT_DEBUG") == "1" else ["-O3"]
+    cxx = [*optimize, "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     extra = {"cxx": [*cxx, f'-DSALUN_EXT_TORCH_VERSION="{torch.__version__}"']}
     define_macros = []
     if with_cuda:

@@ -22,10 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#include <immintrin.h>  // the AVX-512 expand / compress of compact state (used inside its target region only)
-#endif
-
+#include "masked_optim_loops.h"
 #include "salun_ext/mask_layout.h"
 #include "salun_ext/optim_checks.h"
 #include "salun_ext/optim_math.h"
@@ -33,15 +30,11 @@
 namespace salun_ext {
 namespace {
 
+using cpu_step::StepLoops;
+using cpu_step::Work;
+
 constexpr int64_t kChunk = int64_t{1} << 15;  // elements per work item, a multiple of 32
 constexpr int64_t kGrainElements = int64_t{1} << 15;  // elements per parallel task, at least (ATen's GRAIN_SIZE)
-
-struct Work {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-  int64_t packed;  // compact steps: the packed state index of the item's first salient entry (else unused)
-};
 
 std::vector<Work> make_work(at::TensorList params) {
   std::vector<Work> work;
@@ -115,39 +108,9 @@ bool step_skipped(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && read_scalar(found_inf) != 0.0f;
 }
 
-// The loops, compiled for the baseline instruction set and, on x86-64 with GCC, again for AVX2 and AVX-512 (picked
-// at run time by what the CPU supports; SALUN_EXT_CPU_ISA=default|avx2|avx512 forces one, for tests).
-namespace isa_default {
-#include "masked_optim_kernels.inc"
-}  // namespace isa_default
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SALUN_EXT_X86_VARIANTS 1
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace isa_avx2 {
-#include "masked_optim_kernels.inc"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
-#define SALUN_EXT_EXPAND_COMPRESS 1  // compact steps stage fp32 salient entries with AVX-512 compress / expand
-namespace isa_avx512 {
-#include "masked_optim_kernels.inc"
-}  // namespace isa_avx512
-#undef SALUN_EXT_EXPAND_COMPRESS
-#pragma GCC pop_options
-#endif
-
-struct StepLoops {
-  decltype(&isa_default::sgd_work) sgd;
-  decltype(&isa_default::adam_work) adam;
-  decltype(&isa_default::sgd_compact_work) sgd_compact;
-  decltype(&isa_default::adam_compact_work) adam_compact;
-};
-
-#define SALUN_EXT_LOOPS(ns) {&ns::sgd_work, &ns::adam_work, &ns::sgd_compact_work, &ns::adam_compact_work}
-
+// The loops, compiled for the baseline instruction set and, on x86-64 with GCC, again for AVX2 and AVX-512, each in
+// its own translation unit (masked_optim_loops_*.cpp); picked at run time by what the CPU supports
+// (SALUN_EXT_CPU_ISA=default|avx2|avx512 forces one, for tests).
 StepLoops pick_loops() {
   const char* forced = std::getenv("SALUN_EXT_CPU_ISA");
   const std::string want = forced ? forced : "";
@@ -158,10 +121,10 @@ StepLoops pick_loops() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   const bool avx2 = __builtin_cpu_supports("avx2");
-  if ((want.empty() || want == "avx512") && avx512) return SALUN_EXT_LOOPS(isa_avx512);
-  if ((want.empty() || want == "avx2" || want == "avx512") && avx2) return SALUN_EXT_LOOPS(isa_avx2);
+  if ((want.empty() || want == "avx512") && avx512) return cpu_step::loops_avx512();
+  if ((want.empty() || want == "avx2" || want == "avx512") && avx2) return cpu_step::loops_avx2();
 #endif
-  return SALUN_EXT_LOOPS(isa_default);
+  return cpu_step::loops_default();
 }
 
 const StepLoops& step_loops() {

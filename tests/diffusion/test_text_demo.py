@@ -150,6 +150,7 @@ def _check_table(out, work, methods) -> None:
     assert "salun-ext diffusion text-digits-table" in page and f"--work {work}" in page and "--seeds 1 " in page
 
 
+@pytest.mark.slow  # ~26 s: the whole table on tiny inputs (the pieces are tested above); make test-all runs it
 def test_the_table_runs_end_to_end_and_a_rerun_skips_finished_work(tiny_table_inputs, tmp_path, monkeypatch, capsys):
     from tests.cli.test_diffusion_cli import fails, run
 

@@ -131,6 +131,7 @@ def test_autoencoder_task_draws_reproducible_batches():
     assert first[0]["noise"].shape == (4, 4, 8, 8)
 
 
+@pytest.mark.slow  # ~12 s: trains twice; make test-all runs it
 def test_resume_reuses_a_finished_phase_and_gives_the_same_model(tmp_path):
     options = dataclasses.replace(CPU, checkpoint_dir=str(tmp_path / "ck"))
     straight, _ = train_text_digits(build_text_digits_pipeline(seed=0), QUICK, CPU)

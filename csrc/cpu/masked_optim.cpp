@@ -41,7 +41,7 @@ std::vector<Work> make_work(at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     for (int64_t b = 0; b < n; b += kChunk) {
-      work.push_back(Work{static_cast<int64_t>(i), b, std::min(n, b + kChunk), 0});
+      work.push_back(Work{static_cast<int64_t>(i), b, std::min(n, b + kChunk), 0, 0});
     }
   }
   return work;
@@ -56,6 +56,7 @@ std::vector<int64_t> count_packed(at::TensorList params, at::TensorList mask_wor
     w.packed = counts[i];
     if (mask_words[i].numel() == 0) {
       counts[i] += w.end - w.begin;
+      w.packed_end = counts[i];
       continue;
     }
     const int32_t* words = mask_words[i].const_data_ptr<int32_t>();
@@ -67,6 +68,7 @@ std::vector<int64_t> count_packed(at::TensorList params, at::TensorList mask_wor
       c += std::popcount(bits);
     }
     counts[i] += c;
+    w.packed_end = counts[i];
   }
   return counts;
 }

@@ -29,7 +29,8 @@ struct Work {
   int64_t tensor;
   int64_t begin;
   int64_t end;
-  int64_t packed;  // compact steps: the packed state index of the item's first salient entry (else unused)
+  int64_t packed;      // compact steps: the packed state index of the item's first salient entry (else unused)
+  int64_t packed_end;  // compact steps: one past the packed index of its last salient entry (else unused)
 };
 
 using SgdLoop = void (*)(at::ScalarType dtype, const Work& w, void* p, const void* g, void* buf,

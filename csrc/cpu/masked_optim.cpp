@@ -15,14 +15,13 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "masked_optim_loops.h"
+#include "salun_ext/cpu_isa.h"
 #include "salun_ext/mask_layout.h"
 #include "salun_ext/optim_checks.h"
 #include "salun_ext/optim_math.h"
@@ -114,10 +113,7 @@ bool step_skipped(const std::optional<at::Tensor>& found_inf) {
 // its own translation unit (masked_optim_loops_*.cpp); picked at run time by what the CPU supports
 // (SALUN_EXT_CPU_ISA=default|avx2|avx512 forces one, for tests).
 StepLoops pick_loops() {
-  const char* forced = std::getenv("SALUN_EXT_CPU_ISA");
-  const std::string want = forced ? forced : "";
-  TORCH_CHECK(want.empty() || want == "default" || want == "avx2" || want == "avx512",
-              "salun_ext: SALUN_EXT_CPU_ISA must be default, avx2 or avx512, got ", want);
+  const std::string want = forced_cpu_isa();
 #ifdef SALUN_EXT_X86_VARIANTS
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&

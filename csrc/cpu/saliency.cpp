@@ -16,8 +16,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "salun_ext/cpu_isa.h"
 #include "salun_ext/key.h"
 #include "salun_ext/sample_index.h"
 #include "salun_ext/tensor_list.h"
@@ -370,8 +369,7 @@ SALUN_EXT_AVX2_TARGET void window_chunk_avx2(const Reader& key_of, const Chunk& 
 
 bool window_avx2_available() {
   static const bool available = [] {
-    const char* forced = std::getenv("SALUN_EXT_CPU_ISA");  // "default" forces the baseline loops (tests)
-    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+    if (forced_cpu_isa() == "default") return false;  // the baseline loops, forced (tests)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
            __builtin_cpu_supports("bmi");

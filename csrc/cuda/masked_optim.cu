@@ -193,6 +193,20 @@ __device__ __forceinline__ int find_optim_tensor(const OptimTensor* tensors, int
   return lo;
 }
 
+// The tensor of a chunk of the flat element space, and the chunk's element range [begin, end) inside it (a struct,
+// not a tuple: the kernels' lambdas capture its fields, and C++17 lambdas cannot capture structured bindings).
+struct ChunkSpan {
+  OptimTensor t;
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ __forceinline__ ChunkSpan chunk_span(const OptimTensor* tensors, int n, int64_t chunk) {
+  const OptimTensor t = tensors[find_optim_tensor(tensors, n, chunk)];
+  const int64_t begin = (chunk - t.chunk_begin) * kChunk;
+  return ChunkSpan{t, begin, begin + kChunk < t.numel ? begin + kChunk : t.numel};
+}
+
 // ----------------------------------------------------------------------------------------- 4-element access
 
 template <typename T>
@@ -259,15 +273,25 @@ struct DeviceScalars {
   const float* found_inf;
 };
 
-__global__ void __launch_bounds__(kThreads) masked_sgd_kernel(const OptimTensor* __restrict__ tensors, int n_tensors,
-                                                               int64_t total_chunks, SgdScalars s, DeviceScalars dev) {
-  if (dev.found_inf != nullptr && *dev.found_inf != 0.0f) return;
+// Whether a GradScaler found an Inf or NaN in this step's gradients: the step is skipped on the device.
+__device__ __forceinline__ bool step_skipped(const DeviceScalars& dev) {
+  return dev.found_inf != nullptr && *dev.found_inf != 0.0f;
+}
+
+// The device-resident lr and grad_scale, where given, over the host's.
+__device__ __forceinline__ void sgd_step_scalars(SgdScalars& s, const DeviceScalars& dev) {
   if (dev.lr != nullptr) s.lr = *dev.lr;
   if (dev.grad_scale != nullptr) s.grad_scale = *dev.grad_scale;
+}
+
+__global__ void __launch_bounds__(kThreads) masked_sgd_kernel(const OptimTensor* __restrict__ tensors, int n_tensors,
+                                                               int64_t total_chunks, SgdScalars s, DeviceScalars dev) {
+  if (step_skipped(dev)) return;
+  sgd_step_scalars(s, dev);
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const OptimTensor t = tensors[find_optim_tensor(tensors, n_tensors, chunk)];
-    const int64_t begin = (chunk - t.chunk_begin) * kChunk;
-    const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+    const ChunkSpan span = chunk_span(tensors, n_tensors, chunk);
+    const OptimTensor& t = span.t;
+    const int64_t begin = span.begin, end = span.end;
     dispatch_param_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kElemsPerThread; i < end;
@@ -316,12 +340,12 @@ __device__ __forceinline__ AdamScalars adam_tensor_scalars(AdamScalars base, con
 __global__ void __launch_bounds__(kThreads) masked_adam_kernel(const OptimTensor* __restrict__ tensors, int n_tensors,
                                                                 int64_t total_chunks, AdamScalars base, AdamHost h,
                                                                 DeviceScalars dev) {
-  if (dev.found_inf != nullptr && *dev.found_inf != 0.0f) return;
+  if (step_skipped(dev)) return;
   const double lr = adam_step_scalars(base, h, dev);
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const OptimTensor t = tensors[find_optim_tensor(tensors, n_tensors, chunk)];
-    const int64_t begin = (chunk - t.chunk_begin) * kChunk;
-    const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+    const ChunkSpan span = chunk_span(tensors, n_tensors, chunk);
+    const OptimTensor& t = span.t;
+    const int64_t begin = span.begin, end = span.end;
     const AdamScalars s = adam_tensor_scalars(base, h, lr, *t.step);
     dispatch_param_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
@@ -387,9 +411,9 @@ __global__ void __launch_bounds__(kThreads) chunk_popcount_kernel(const OptimTen
                                                                    int64_t* __restrict__ counts) {
   __shared__ int warp_sums[32];
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const OptimTensor t = tensors[find_optim_tensor(tensors, n_tensors, chunk)];
-    const int64_t begin = (chunk - t.chunk_begin) * kChunk;
-    const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+    const ChunkSpan span = chunk_span(tensors, n_tensors, chunk);
+    const OptimTensor& t = span.t;
+    const int64_t begin = span.begin, end = span.end;
     int c = 0;
     if (t.words == nullptr) {
       c = threadIdx.x == 0 ? static_cast<int>(end - begin) : 0;
@@ -471,13 +495,12 @@ __global__ void __launch_bounds__(kThreads)
     masked_sgd_compact_kernel(const OptimTensor* __restrict__ tensors, int n_tensors, int64_t total_chunks,
                               SgdScalars s, DeviceScalars dev, ChunkCounts cc) {
   __shared__ int warp_sums[32];
-  if (dev.found_inf != nullptr && *dev.found_inf != 0.0f) return;
-  if (dev.lr != nullptr) s.lr = *dev.lr;
-  if (dev.grad_scale != nullptr) s.grad_scale = *dev.grad_scale;
+  if (step_skipped(dev)) return;
+  sgd_step_scalars(s, dev);
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const OptimTensor t = tensors[find_optim_tensor(tensors, n_tensors, chunk)];
-    const int64_t begin = (chunk - t.chunk_begin) * kChunk;
-    const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+    const ChunkSpan span = chunk_span(tensors, n_tensors, chunk);
+    const OptimTensor& t = span.t;
+    const int64_t begin = span.begin, end = span.end;
     const int64_t at = chunk_packed_start(cc.counts, cc.incl, chunk, t.chunk_begin);
     dispatch_param_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
@@ -499,12 +522,12 @@ __global__ void __launch_bounds__(kThreads)
     masked_adam_compact_kernel(const OptimTensor* __restrict__ tensors, int n_tensors, int64_t total_chunks,
                                AdamScalars base, AdamHost h, DeviceScalars dev, ChunkCounts cc) {
   __shared__ int warp_sums[32];
-  if (dev.found_inf != nullptr && *dev.found_inf != 0.0f) return;
+  if (step_skipped(dev)) return;
   const double lr = adam_step_scalars(base, h, dev);
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const OptimTensor t = tensors[find_optim_tensor(tensors, n_tensors, chunk)];
-    const int64_t begin = (chunk - t.chunk_begin) * kChunk;
-    const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+    const ChunkSpan span = chunk_span(tensors, n_tensors, chunk);
+    const OptimTensor& t = span.t;
+    const int64_t begin = span.begin, end = span.end;
     const int64_t at = chunk_packed_start(cc.counts, cc.incl, chunk, t.chunk_begin);
     const AdamScalars s = adam_tensor_scalars(base, h, lr, *t.step);
     dispatch_param_type(t.dtype, [&](auto tag) {

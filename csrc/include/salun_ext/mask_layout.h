@@ -18,4 +18,9 @@ inline constexpr int64_t mask_segment_words(int64_t numel) {
   return (numel + kSegmentAlignBits - 1) / kSegmentAlignBits * kWordsPerSegmentAlign;
 }
 
+// Whether element i of a tensor is salient, given the tensor's own mask words.
+inline bool is_salient(const int32_t* words, int64_t i) {
+  return (static_cast<uint32_t>(words[i / kBitsPerWord]) >> (i % kBitsPerWord)) & 1u;
+}
+
 }  // namespace salun_ext
